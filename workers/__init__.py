@@ -1,0 +1,1 @@
+"""Ray UDF classes and the model code they drive (heavy imports live in `workers.modeling`)."""

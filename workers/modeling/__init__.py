@@ -1,0 +1,1 @@
+"""Torch/transformers model surgery for GlimpsePrune. Never imports ray."""

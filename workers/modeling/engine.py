@@ -1,0 +1,153 @@
+"""The engine: `GlimpseEngine.generate(requests, sampling) -> results`, batched and stateless.
+
+One call = one batch: requests are templated and processed together (left padding), prefilled in
+one pass (GlimpsePrune or plain), then decoded together with per-row EOS stops. The caller (the
+pipeline's actor) decides batch composition. Already-processed inputs are accepted by
+`generate_from_inputs`, so other front ends and checks can feed the engine directly.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .api import GenerationRequest, GenerationResult, SamplingParams
+from .glimpse import GlimpseModules
+from .keep_rule import KeepRule, split_per_image
+from .qwen2_5_vl import ModelInputs, PrefillState, QwenGlimpseModel
+from .sampling import row_generators, select_next
+
+
+class GlimpseEngine:
+    """Holds a model, its processor, optional glimpse modules and the keep rule chosen at start."""
+
+    def __init__(self, model: nn.Module, processor, modules: Optional[GlimpseModules] = None, rule: Optional[KeepRule] = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.modules = modules.eval() if modules is not None else None
+        self.rule = rule if rule is not None else (modules.config.keep_rule() if modules is not None else None)
+        self.core = QwenGlimpseModel(model, self.modules)
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, processor)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @property
+    def prunes(self) -> bool:
+        return self.modules is not None and self.rule is not None
+
+    # ---- requests -> processed inputs -------------------------------------------------------
+    def build_inputs(self, requests: Sequence[GenerationRequest]) -> ModelInputs:
+        texts, images = [], []
+        for req in requests:
+            content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
+            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+                {"role": "user", "content": content}
+            ]
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            images.extend(req.images)
+        self.processor.tokenizer.padding_side = "left"
+        batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        return ModelInputs(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch.get("pixel_values"),
+            image_grid_thw=batch.get("image_grid_thw"),
+        )
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams = SamplingParams(), return_masks: bool = False
+    ) -> list[GenerationResult]:
+        if not requests:
+            return []
+        return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks)
+
+    # ---- processed inputs -> results ----------------------------------------------------------
+    @torch.inference_mode()
+    def generate_from_inputs(
+        self, inputs: ModelInputs | dict, sampling: SamplingParams = SamplingParams(), prune: bool = True, return_masks: bool = False
+    ) -> list[GenerationResult]:
+        inputs = self._to_device(inputs)
+        if int(inputs.attention_mask[:, -1].min()) == 0:
+            raise ValueError("inputs must be left-padded (attention_mask[:, -1] must be 1 for every row)")
+        t0 = _now(self.device)
+        state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
+        t1 = _now(self.device)
+        tokens, finished = self._decode(state, sampling)
+        t2 = _now(self.device)
+        prompt_tokens = inputs.attention_mask.sum(dim=1).tolist()
+        return [
+            self._result(state, row, tokens[row], finished[row], prompt_tokens[row], (t1 - t0, t2 - t1), return_masks)
+            for row in range(len(tokens))
+        ]
+
+    def _decode(self, state: PrefillState, sampling: SamplingParams) -> tuple:
+        bsz = state.logits.shape[0]
+        gens = row_generators(sampling, bsz, self.device)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        tokens: list = [[] for _ in range(bsz)]
+        logits, pad = state.logits, state.pad_mask
+        for step in range(sampling.max_new_tokens):
+            nxt = select_next(logits, sampling, gens).masked_fill(done, self.pad_id)  # [B]
+            for row in (~done).nonzero().flatten().tolist():
+                tokens[row].append(int(nxt[row]))
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == sampling.max_new_tokens - 1:
+                break
+            pad = torch.cat([pad, pad.new_ones(bsz, 1)], dim=1)
+            logits = self.core.decode_step(nxt, state.next_positions + step, pad, state.cache)
+        return tokens, done.tolist()
+
+    def _result(self, state, row, token_ids, finished, prompt_tokens, times, return_masks) -> GenerationResult:
+        per_image = state.visual_tokens[row]
+        visual = sum(per_image)
+        if state.keep_masks is not None:
+            mask = state.keep_masks[row]
+            kept_per_image = split_per_image(mask, per_image)
+        else:
+            mask, kept_per_image = None, list(per_image)
+        kept = sum(kept_per_image)
+        text_ids = [t for t in token_ids if t not in self.eos_ids]
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return GenerationResult(
+            text=tokenizer.decode(text_ids, skip_special_tokens=True),
+            token_ids=token_ids,
+            visual_tokens=visual,
+            kept_tokens=kept,
+            kept_per_image=kept_per_image,
+            keep_ratio=kept / visual if visual else 1.0,
+            prompt_tokens=int(prompt_tokens),
+            output_tokens=len(token_ids),
+            prefill_s=times[0],
+            decode_s=times[1],
+            finish_reason="stop" if finished else "length",
+            importance_logits=state.importance_logits[row].cpu() if (return_masks and state.importance_logits) else None,
+            keep_mask=mask.cpu() if (return_masks and mask is not None) else None,
+        )
+
+    def _to_device(self, inputs) -> ModelInputs:
+        if isinstance(inputs, dict):
+            inputs = ModelInputs(**{k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
+        move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        return ModelInputs(move(inputs.input_ids), move(inputs.attention_mask), move(inputs.pixel_values), move(inputs.image_grid_thw))
+
+
+def _eos_ids(model: nn.Module, processor) -> list[int]:
+    ids = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.extend(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    ids = [int(i) for i in ids if i is not None]
+    if not ids:
+        raise ValueError("the model and tokenizer define no EOS token")
+    return list(dict.fromkeys(ids))
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

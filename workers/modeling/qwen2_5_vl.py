@@ -1,0 +1,313 @@
+"""GlimpsePrune on the stock transformers Qwen2.5-VL: the prefill loop and the decode step.
+
+Reads top-down (reference section 4, "the single-forward-pass flow"):
+  1. embed text, run the stock vision tower (hooks capture the selected blocks' outputs), scatter;
+  2. stock M-RoPE positions (`get_rope_index`);
+  3. append the glimpse (position = last + 1 on all axes), run layers 0..K adding e_l before each
+     layer l >= 1, and at each selected layer take the glimpse's raw attention logits over the
+     visual keys (q . k / sqrt(d), post-RoPE, all heads, GQA head h -> kv head h // groups);
+  4. VIP -> importance logits -> keep rule per sample (jointly over its images);
+  5. drop the glimpse and the pruned tokens from hidden states, KV cache of layers 0..K, pad mask
+     and positions (survivors keep their original M-RoPE positions), re-left-pad;
+  6. layers K+1..L-1 on the short sequence; LM head on the last position only.
+Decoding continues on the pruned cache with explicit per-row positions (next = last + 1 + t).
+
+`prune=False` (no glimpse modules) runs the plain model through the same code, for baselines.
+Only the one glimpse row of attention is computed by hand; the real attention stays with the
+configured backend (SDPA or flash-attention-2).
+
+Deliberate differences from the reference code (numerically equivalent unless stated):
+  * the glimpse query is projected from the layer's normed input for that one row only, and the
+    keys are read back from the cache after the layer ran (cached keys are post-RoPE);
+  * padded slots after compaction have position 0 (reference: 1) and zero hidden/K/V; they are
+    masked, and a padded query may attend to itself only, so no value of theirs reaches a real row;
+  * max(selected_layers) must be <= reduce_layer (true for every released checkpoint);
+  * the model object holds no per-request state: everything lives in `PrefillState`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from . import compat
+from .glimpse import GlimpseModules
+from .keep_rule import KeepRule, keep_mask
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Processor output for a left-padded batch. input_ids/attention_mask: [B, L]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
+
+
+@dataclass
+class PrefillState:
+    """Everything decode needs, and what the prefill decided. One row per sample."""
+
+    cache: DynamicCache
+    pad_mask: torch.Tensor  # [B, L'] after pruning (left padded)
+    next_positions: torch.Tensor  # [B] position of the first generated token
+    logits: torch.Tensor  # [B, V] next-token logits
+    visual_tokens: list  # per sample: list of per-image token counts
+    keep_masks: Optional[list] = None  # per sample: bool [N_v(b)]
+    importance_logits: Optional[list] = None  # per sample: float [N_v(b)]
+
+
+class QwenGlimpseModel:
+    """Stateless prefill/decode over a stock `Qwen2_5_VLForConditionalGeneration`."""
+
+    def __init__(self, model: nn.Module, modules: Optional[GlimpseModules] = None):
+        self.model = model
+        self.modules = modules
+        self.lm = compat.language_model(model)
+        self.visual = compat.vision_tower(model)
+        self.config = model.config
+        self.impl = compat.attn_implementation(model)
+        if modules is not None:
+            self._check_modules(modules)
+
+    def _check_modules(self, modules: GlimpseModules) -> None:
+        cfg, text = modules.config, compat.text_config(self.model)
+        n_layers, n_blocks = len(self.lm.layers), len(self.visual.blocks)
+        problems = []
+        if cfg.hidden_size != text.hidden_size:
+            problems.append(f"hidden_size {cfg.hidden_size} != model {text.hidden_size}")
+        if cfg.num_attention_heads != text.num_attention_heads:
+            problems.append(f"num_attention_heads {cfg.num_attention_heads} != model {text.num_attention_heads}")
+        if max(cfg.selected_layers) > cfg.reduce_layer:
+            problems.append(f"selected_layers {list(cfg.selected_layers)} beyond reduce_layer {cfg.reduce_layer}")
+        if cfg.reduce_layer >= n_layers:
+            problems.append(f"reduce_layer {cfg.reduce_layer} >= {n_layers} decoder layers")
+        if any(not 0 <= i < n_blocks for i in cfg.selected_visual_layers):
+            problems.append(f"selected_visual_layers {list(cfg.selected_visual_layers)} outside 0..{n_blocks - 1}")
+        if problems:
+            raise ValueError("glimpse modules do not fit the base model: " + "; ".join(problems))
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def visual_features(self, pixel_values, grid_thw, levels: tuple) -> tuple:
+        """Image embeddings [N, d] and one [N, C_vit] feature per level (2x2-averaged, raster order)."""
+        captured: dict = {}
+        hooks = [
+            self.visual.blocks[i].register_forward_hook(
+                lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+            )
+            for i in set(levels)
+        ]
+        try:
+            out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        embeds = out.pooler_output if hasattr(out, "pooler_output") else out
+        if not levels:
+            return embeds, []
+        merge = self.visual.spatial_merge_size
+        window_index, _ = _window_index(self.visual, grid_thw)
+        reverse = torch.argsort(window_index.to(embeds.device))
+        feats = []
+        for i in levels:
+            block_out = captured[i]  # [seq, C] in window-permuted order
+            merged = block_out.view(block_out.shape[0] // merge**2, merge**2, -1).mean(dim=1)
+            feats.append(merged[reverse])
+        return embeds, feats
+
+    def embed(self, inputs: ModelInputs, levels: tuple) -> tuple:
+        embeds = self.lm.embed_tokens(inputs.input_ids)  # [B, L, d]
+        feats: list = []
+        if inputs.pixel_values is not None:
+            image_embeds, feats = self.visual_features(inputs.pixel_values, inputs.image_grid_thw, levels)
+            image_mask = (inputs.input_ids == self.config.image_token_id).unsqueeze(-1)
+            if int(image_mask.sum()) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{int(image_mask.sum())} image tokens in the prompt but {image_embeds.shape[0]} image features"
+                )
+            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+        return embeds, feats
+
+    def positions(self, inputs: ModelInputs) -> torch.Tensor:
+        """Stock M-RoPE positions [3, B, L] (padding at 0)."""
+        ids = inputs.input_ids
+        if inputs.image_grid_thw is None:
+            pos = (inputs.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return pos[None].expand(3, -1, -1).clone()
+        mm_types = (ids == self.config.image_token_id).int()
+        owner = compat.rope_index_owner(self.model)
+        pos, _ = owner.get_rope_index(
+            ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask
+        )
+        return pos
+
+    def run_layers(self, layers: range, hidden, pad_mask, position_ids, cache, on_layer=None):
+        q_len = hidden.shape[1]
+        mask = compat.attention_mask(pad_mask, q_len, self.impl, hidden.dtype)
+        rope = self.lm.rotary_emb(hidden, position_ids)
+        for i in layers:
+            if on_layer is not None:
+                hidden = on_layer(i, hidden, rope, before=True)
+            hidden = compat.run_decoder_layer(self.lm.layers[i], hidden, mask, rope, cache)
+            if on_layer is not None:
+                on_layer(i, hidden, rope, before=False)
+        return hidden
+
+    def glimpse_query(self, layer_idx: int, hidden, rope) -> torch.Tensor:
+        """Post-RoPE query of the last (glimpse) row at one layer: [B, heads, head_dim]."""
+        layer = self.lm.layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden[:, -1:])  # [B, 1, d]
+        q = attn.q_proj(x).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)  # [B, H, 1, hd]
+        cos, sin = rope[0][:, -1:].unsqueeze(1), rope[1][:, -1:].unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        return q[:, :, 0]
+
+    def next_token_logits(self, hidden) -> torch.Tensor:
+        return self.model.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0].float()  # [B, V]
+
+    # ---- prefill -----------------------------------------------------------------------------
+    def prefill(self, inputs: ModelInputs, rule: Optional[KeepRule] = None) -> PrefillState:
+        """Plain prefill when no glimpse modules are attached (or rule is None), else GlimpsePrune."""
+        visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
+        if self.modules is None or rule is None or inputs.pixel_values is None:
+            return self._plain_prefill(inputs, visual)
+        return self._glimpse_prefill(inputs, rule, visual)
+
+    def _plain_prefill(self, inputs: ModelInputs, visual: list) -> PrefillState:
+        hidden, _ = self.embed(inputs, ())
+        positions = self.positions(inputs)
+        cache = DynamicCache(config=compat.text_config(self.model))
+        pad = inputs.attention_mask
+        hidden = self.run_layers(range(len(self.lm.layers)), hidden, pad, positions, cache)
+        return PrefillState(cache, pad, positions.amax(dim=(0, 2)) + 1, self.next_token_logits(hidden), visual)
+
+    def _glimpse_prefill(self, inputs: ModelInputs, rule: KeepRule, visual: list) -> PrefillState:
+        cfg = self.modules.config
+        hidden, feats = self.embed(inputs, tuple(cfg.selected_visual_layers))
+        positions = self.positions(inputs)
+        bsz = hidden.shape[0]
+        # Append the glimpse: embedding e_0, position last + 1 on every axis, attention 1.
+        e0 = self.modules.glimpse_vector(0).to(hidden.dtype)
+        hidden = torch.cat([hidden, e0.expand(bsz, -1, -1)], dim=1)  # [B, L+1, d]
+        positions = torch.cat([positions, positions[-1:, :, -1:].expand(3, -1, -1) + 1], dim=2)
+        pad = torch.cat([inputs.attention_mask, inputs.attention_mask.new_ones(bsz, 1)], dim=1)
+        is_image = inputs.input_ids == self.config.image_token_id  # [B, L]
+        cache = DynamicCache(config=compat.text_config(self.model))
+        attn_rows: dict = {}
+        queries: dict = {}
+
+        def on_layer(i, h, rope, before):
+            if before:
+                e = self.modules.glimpse_vector(i) if i > 0 else None
+                if e is not None:
+                    h = torch.cat([h[:, :-1], h[:, -1:] + e.to(h.dtype)], dim=1)
+                if i in cfg.selected_layers:
+                    queries[i] = self.glimpse_query(i, h, rope)
+                return h
+            if i in cfg.selected_layers:
+                attn_rows[i] = self._glimpse_attention(i, queries.pop(i), cache, is_image)
+
+        k_last = cfg.reduce_layer
+        hidden = self.run_layers(range(k_last + 1), hidden, pad, positions, cache, on_layer)
+        attn_in = torch.cat([attn_rows[i] for i in cfg.selected_layers], dim=-1)  # [N, n_sel*H]
+        grids = (inputs.image_grid_thw[:, 1:] // self.visual.spatial_merge_size).tolist()
+        logits_all = self.modules.attn_fuser(attn_in, feats, [tuple(g) for g in grids])  # [N]
+        per_sample = torch.split(logits_all, [sum(v) for v in visual])
+        keeps = [keep_mask(lg, rule) for lg in per_sample]
+        # Drop the glimpse, then the pruned visual tokens; compact and re-left-pad.
+        hidden, positions, pad = hidden[:, :-1], positions[:, :, :-1], pad[:, :-1]
+        cache.crop(-1)
+        remain = pad.bool().clone()
+        remain[is_image] = torch.cat(keeps).to(remain.device) & remain[is_image]
+        hidden, positions, pad, cache = compact(hidden, positions, remain, cache, range(k_last + 1), self.model)
+        hidden = self.run_layers(range(k_last + 1, len(self.lm.layers)), hidden, pad, positions, cache)
+        next_pos = positions.masked_fill(~pad.bool()[None], 0).amax(dim=(0, 2)) + 1
+        return PrefillState(cache, pad, next_pos, self.next_token_logits(hidden), visual, keeps, list(per_sample))
+
+    def _glimpse_attention(self, layer_idx, query, cache, is_image) -> torch.Tensor:
+        """Raw logits of the glimpse query over each sample's visual keys: [N_total, heads]."""
+        keys = compat.cache_keys(cache, layer_idx)  # [B, kv_heads, L+1, hd] (post-RoPE)
+        groups = query.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1)  # [B, H, L+1, hd]
+        head_dim = keys.shape[-1]
+        logits = torch.matmul(query.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) / head_dim**0.5  # [B, H, L+1]
+        logits = logits[:, :, :-1].transpose(1, 2)  # [B, L, H]
+        return logits[is_image]  # [N_total, H], samples in batch order
+
+    # ---- decode -------------------------------------------------------------------------------
+    def decode_step(self, token_ids, positions, pad_mask, cache) -> torch.Tensor:
+        """token_ids [B], positions [B], pad_mask [B, KV] incl. the new token -> logits [B, V]."""
+        hidden = self.lm.embed_tokens(token_ids[:, None])  # [B, 1, d]
+        pos = positions.view(1, -1, 1).expand(3, -1, -1)
+        hidden = self.run_layers(range(len(self.lm.layers)), hidden, pad_mask, pos, cache)
+        return self.next_token_logits(hidden)
+
+
+def compact(hidden, positions, remain, cache, cached_layers, model):
+    """Keep `remain` tokens per row, re-left-pad to the longest row. remain: bool [B, L].
+
+    Returns hidden [B, L', d], positions [3, B, L'], pad mask [B, L'] and a new cache whose layers
+    `cached_layers` hold the kept keys/values (padding slots zero).
+    """
+    lengths = remain.sum(dim=1)  # [B]
+    new_len = int(lengths.max())
+    bsz = remain.shape[0]
+    slots = torch.arange(new_len, device=remain.device)[None, :] >= (new_len - lengths)[:, None]  # [B, L']
+    new_hidden = hidden.new_zeros(bsz, new_len, hidden.shape[-1])
+    new_hidden[slots] = hidden[remain]
+    new_pos = positions.new_zeros(3, bsz, new_len)
+    new_pos[:, slots] = positions[:, remain]
+    new_cache = DynamicCache(config=compat.text_config(model))
+    for i in cached_layers:
+        keys, values = compat.cache_keys(cache, i), compat.cache_values(cache, i)
+        new_cache.update(_compact_kv(keys, remain, slots), _compact_kv(values, remain, slots), i)
+    return new_hidden, new_pos, slots.long(), new_cache
+
+
+def _compact_kv(kv: torch.Tensor, remain, slots) -> torch.Tensor:
+    """kv [B, h, L, d] -> [B, h, L', d] keeping `remain` positions into `slots`."""
+    moved = kv.transpose(1, 2)  # [B, L, h, d]
+    out = moved.new_zeros(slots.shape[0], slots.shape[1], *moved.shape[2:])
+    out[slots] = moved[remain]
+    return out.transpose(1, 2).contiguous()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _window_index(visual, grid_thw):
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+    )
+
+
+def _visual_tokens_per_sample(inputs: ModelInputs, image_token_id: int, merge: int) -> list:
+    """Per sample, the token count of each of its images (images are consumed in batch order)."""
+    if inputs.image_grid_thw is None:
+        return [[] for _ in range(inputs.input_ids.shape[0])]
+    per_image = (inputs.image_grid_thw.prod(-1) // merge**2).tolist()
+    counts = (inputs.input_ids == image_token_id).sum(dim=1).tolist()
+    out, k = [], 0
+    for total in counts:
+        mine = []
+        while total > 0:
+            if k >= len(per_image):
+                raise ValueError("more image tokens in the prompts than images in image_grid_thw")
+            mine.append(per_image[k])
+            total -= per_image[k]
+            k += 1
+        if total != 0:
+            raise ValueError("image tokens of a prompt do not add up to whole images")
+        out.append(mine)
+    if k != len(per_image):
+        raise ValueError(f"{len(per_image)} images given but the prompts use {k}")
+    return out
