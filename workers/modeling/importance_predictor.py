@@ -149,9 +149,13 @@ class ImportancePredictor(nn.Module):
             nn.Linear(cfg.fuse_size, 1) if (cfg.deep_supervision or i == last) else nn.Identity()
             for i in range(cfg.num_levels)
         )
-        rope_dim = (cfg.fuse_size + cfg.cond_size) // cfg.num_heads // 2
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float) / rope_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """2D-RoPE inverse frequencies, always fp32 (reference 10.6); not a buffer, so casting the
+        module to bf16 cannot round them (the official non-persistent buffer would be cast)."""
+        rope_dim = (self.cfg.fuse_size + self.cfg.cond_size) // self.cfg.num_heads // 2
+        steps = torch.arange(0, rope_dim, 2, dtype=torch.float, device=device) / rope_dim
+        return 1.0 / (self.cfg.rope_theta**steps)
 
     def forward(
         self, attn_logits: torch.Tensor, vit_features: Sequence[torch.Tensor], grids: Sequence[tuple]
@@ -161,9 +165,10 @@ class ImportancePredictor(nn.Module):
         x = self.attn_in_proj(attn_logits.to(self.attn_in_proj.weight.dtype))
         conds = [proj(feat.to(x.dtype)) for proj, feat in zip(self.cond_in_projs, vit_features)]
         outputs, start = [], 0
+        inv_freq = self.inv_freq(x.device)
         for h, w in grids:
             end = start + h * w
-            rope = grid_rope(h, w, self.inv_freq.to(x.device))
+            rope = grid_rope(h, w, inv_freq)
             xi = x[start:end]
             for block, cond in zip(self.layers, conds):
                 xi = block(xi, cond[start:end], rope)
