@@ -227,3 +227,21 @@ def test_right_padding_is_refused(tiny_model, tiny_processor):
     batch["attention_mask"] = batch["attention_mask"].flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         engine.generate_from_inputs(batch)
+
+
+def test_regrouped_glimpse_rows_match_one_batch(tiny_model, tiny_processor, tiny_modules):
+    """Rows glimpsed in different batches and finished together (the pipeline's regrouping) give the
+    same tokens and masks as one plain batch."""
+    engine = GlimpseEngine(tiny_model, tiny_processor, tiny_modules, KeepRule(threshold=0.5))
+    requests = make_requests()
+    sampling = SamplingParams(max_new_tokens=MAX_NEW)
+    whole = engine.generate(requests, sampling, return_masks=True)
+    rows_a, secs_a = engine.glimpse(engine.build_inputs(requests[:1]))
+    rows_b, secs_b = engine.glimpse(engine.build_inputs(requests[1:]))
+    order = [2, 0, 1]
+    rows = [(rows_a + rows_b)[i] for i in order]
+    regrouped = engine.generate_from_rows(rows, sampling, glimpse_s=[secs_a, secs_b, secs_b], return_masks=True)
+    for i, got in zip(order, regrouped):
+        assert got.token_ids == whole[i].token_ids
+        assert torch.equal(got.keep_mask, whole[i].keep_mask)
+        assert got.prompt_tokens == whole[i].prompt_tokens and got.prefill_s > 0

@@ -16,7 +16,7 @@ from torch import nn
 from .api import GenerationRequest, GenerationResult, SamplingParams
 from .glimpse import GlimpseModules
 from .keep_rule import KeepRule, split_per_image
-from .qwen2_5_vl import ModelInputs, PrefillState, QwenGlimpseModel
+from .qwen2_5_vl import GlimpsedRow, ModelInputs, PrefillState, QwenGlimpseModel
 from .sampling import row_generators, select_next
 
 
@@ -69,9 +69,7 @@ class GlimpseEngine:
     def generate_from_inputs(
         self, inputs: ModelInputs | dict, sampling: SamplingParams = SamplingParams(), prune: bool = True, return_masks: bool = False
     ) -> list[GenerationResult]:
-        inputs = self._to_device(inputs)
-        if int(inputs.attention_mask[:, -1].min()) == 0:
-            raise ValueError("inputs must be left-padded (attention_mask[:, -1] must be 1 for every row)")
+        inputs = self._check(self._to_device(inputs))
         t0 = _now(self.device)
         state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
         t1 = _now(self.device)
@@ -82,6 +80,40 @@ class GlimpseEngine:
             self._result(state, row, tokens[row], finished[row], prompt_tokens[row], (t1 - t0, t2 - t1), return_masks)
             for row in range(len(tokens))
         ]
+
+    @torch.inference_mode()
+    def glimpse(self, inputs: ModelInputs | dict) -> tuple[list[GlimpsedRow], float]:
+        """The glimpse stage alone (pruning engines only): per-sample rows and the stage's seconds."""
+        if not self.prunes:
+            raise ValueError("glimpse() needs glimpse modules and a keep rule")
+        inputs = self._check(self._to_device(inputs))
+        t0 = _now(self.device)
+        rows = self.core.glimpse_stage(inputs, self.rule)
+        return rows, _now(self.device) - t0
+
+    @torch.inference_mode()
+    def generate_from_rows(
+        self, rows: Sequence[GlimpsedRow], sampling: SamplingParams = SamplingParams(), glimpse_s: Sequence[float] = (), return_masks: bool = False
+    ) -> list[GenerationResult]:
+        """Finish the prefill of glimpsed rows (possibly from different glimpse batches) and decode.
+
+        glimpse_s: per row, the seconds of the glimpse stage to add to its prefill time.
+        """
+        t0 = _now(self.device)
+        state = self.core.finish_prefill(list(rows))
+        t1 = _now(self.device)
+        tokens, finished = self._decode(state, sampling)
+        t2 = _now(self.device)
+        extra = list(glimpse_s) or [0.0] * len(rows)
+        return [
+            self._result(state, i, tokens[i], finished[i], rows[i].prompt_tokens, (t1 - t0 + extra[i], t2 - t1), return_masks)
+            for i in range(len(rows))
+        ]
+
+    def _check(self, inputs: ModelInputs) -> ModelInputs:
+        if int(inputs.attention_mask[:, -1].min()) == 0:
+            raise ValueError("inputs must be left-padded (attention_mask[:, -1] must be 1 for every row)")
+        return inputs
 
     def _decode(self, state: PrefillState, sampling: SamplingParams) -> tuple:
         bsz = state.logits.shape[0]

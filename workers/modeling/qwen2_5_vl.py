@@ -12,6 +12,9 @@ Reads top-down (reference section 4, "the single-forward-pass flow"):
   6. layers K+1..L-1 on the short sequence; LM head on the last position only.
 Decoding continues on the pruned cache with explicit per-row positions (next = last + 1 + t).
 
+Steps 1-5 are `glimpse_stage` (one `GlimpsedRow` per sample) and step 6 is `finish_prefill`, so a
+caller may regroup rows from several glimpse batches by retained length before finishing them.
+
 `prune=False` (no glimpse modules) runs the plain model through the same code, for baselines.
 Only the one glimpse row of attention is computed by hand; the real attention stays with the
 configured backend (SDPA or flash-attention-2).
@@ -46,6 +49,24 @@ class ModelInputs:
     attention_mask: torch.Tensor
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
+
+
+@dataclass(frozen=True)
+class GlimpsedRow:
+    """One sample after the glimpse stage: layers 0..K done, glimpse and pruned tokens dropped."""
+
+    hidden: torch.Tensor  # [L_b, d] layer-K output of the surviving tokens
+    positions: torch.Tensor  # [3, L_b] their original M-RoPE positions
+    keys: tuple  # per layer 0..K: [kv_heads, L_b, head_dim] (post-RoPE)
+    values: tuple
+    visual_tokens: list  # per image
+    keep_mask: torch.Tensor  # bool [N_v]
+    importance_logits: torch.Tensor  # [N_v]
+    prompt_tokens: int  # real (unpadded) prompt length before pruning
+
+    @property
+    def length(self) -> int:
+        return int(self.hidden.shape[0])
 
 
 @dataclass
@@ -187,6 +208,15 @@ class QwenGlimpseModel:
         return PrefillState(cache, pad, positions.amax(dim=(0, 2)) + 1, self.next_token_logits(hidden), visual)
 
     def _glimpse_prefill(self, inputs: ModelInputs, rule: KeepRule, visual: list) -> PrefillState:
+        return self.finish_prefill(self.glimpse_stage(inputs, rule, visual))
+
+    def glimpse_stage(self, inputs: ModelInputs, rule: KeepRule, visual: Optional[list] = None) -> list:
+        """Layers 0..K with the glimpse, the VIP and the keep rule: one `GlimpsedRow` per sample.
+
+        Rows from different batches can be regrouped (by retained length) before `finish_prefill`.
+        """
+        if visual is None:
+            visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
         cfg = self.modules.config
         hidden, feats = self.embed(inputs, tuple(cfg.selected_visual_layers))
         positions = self.positions(inputs)
@@ -219,15 +249,47 @@ class QwenGlimpseModel:
         logits_all = self.modules.attn_fuser(attn_in, feats, [tuple(g) for g in grids])  # [N]
         per_sample = torch.split(logits_all, [sum(v) for v in visual])
         keeps = [keep_mask(lg, rule) for lg in per_sample]
-        # Drop the glimpse, then the pruned visual tokens; compact and re-left-pad.
-        hidden, positions, pad = hidden[:, :-1], positions[:, :, :-1], pad[:, :-1]
-        cache.crop(-1)
-        remain = pad.bool().clone()
+        # Drop the glimpse (last slot), then the pruned visual tokens; each row keeps its survivors.
+        remain = pad[:, :-1].bool().clone()
         remain[is_image] = torch.cat(keeps).to(remain.device) & remain[is_image]
-        hidden, positions, pad, cache = compact(hidden, positions, remain, cache, range(k_last + 1), self.model)
+        kv = [(compat.cache_keys(cache, i)[:, :, :-1], compat.cache_values(cache, i)[:, :, :-1]) for i in range(k_last + 1)]
+        rows = []
+        for b in range(bsz):
+            sel = remain[b]
+            rows.append(GlimpsedRow(
+                hidden=hidden[b, :-1][sel],
+                positions=positions[:, b, :-1][:, sel],
+                keys=tuple(k[b][:, sel] for k, _ in kv),
+                values=tuple(v[b][:, sel] for _, v in kv),
+                visual_tokens=visual[b],
+                keep_mask=keeps[b],
+                importance_logits=per_sample[b],
+                prompt_tokens=int(inputs.attention_mask[b].sum()),
+            ))
+        return rows
+
+    def finish_prefill(self, rows: list) -> PrefillState:
+        """Left-pad glimpsed rows into one batch, run layers K+1..L-1, and take next-token logits."""
+        k_last = self.modules.config.reduce_layer
+        lengths = torch.tensor([r.length for r in rows])
+        new_len = int(lengths.max())
+        device = rows[0].hidden.device
+        slots = torch.arange(new_len)[None, :] >= (new_len - lengths)[:, None]  # [B, L']
+        slots = slots.to(device)
+        hidden = rows[0].hidden.new_zeros(len(rows), new_len, rows[0].hidden.shape[-1])
+        hidden[slots] = torch.cat([r.hidden for r in rows])
+        positions = rows[0].positions.new_zeros(3, len(rows), new_len)
+        positions[:, slots] = torch.cat([r.positions for r in rows], dim=1)
+        cache = DynamicCache(config=compat.text_config(self.model))
+        for i in range(k_last + 1):
+            cache.update(_pad_rows([r.keys[i] for r in rows], slots), _pad_rows([r.values[i] for r in rows], slots), i)
+        pad = slots.long()
         hidden = self.run_layers(range(k_last + 1, len(self.lm.layers)), hidden, pad, positions, cache)
-        next_pos = positions.masked_fill(~pad.bool()[None], 0).amax(dim=(0, 2)) + 1
-        return PrefillState(cache, pad, next_pos, self.next_token_logits(hidden), visual, keeps, list(per_sample))
+        next_pos = positions.masked_fill(~slots[None], 0).amax(dim=(0, 2)) + 1
+        return PrefillState(
+            cache, pad, next_pos, self.next_token_logits(hidden), [r.visual_tokens for r in rows],
+            [r.keep_mask for r in rows], [r.importance_logits for r in rows],
+        )
 
     def _glimpse_attention(self, layer_idx, query, cache, is_image) -> torch.Tensor:
         """Raw logits of the glimpse query over each sample's visual keys: [N_total, heads]."""
@@ -248,32 +310,11 @@ class QwenGlimpseModel:
         return self.next_token_logits(hidden)
 
 
-def compact(hidden, positions, remain, cache, cached_layers, model):
-    """Keep `remain` tokens per row, re-left-pad to the longest row. remain: bool [B, L].
-
-    Returns hidden [B, L', d], positions [3, B, L'], pad mask [B, L'] and a new cache whose layers
-    `cached_layers` hold the kept keys/values (padding slots zero).
-    """
-    lengths = remain.sum(dim=1)  # [B]
-    new_len = int(lengths.max())
-    bsz = remain.shape[0]
-    slots = torch.arange(new_len, device=remain.device)[None, :] >= (new_len - lengths)[:, None]  # [B, L']
-    new_hidden = hidden.new_zeros(bsz, new_len, hidden.shape[-1])
-    new_hidden[slots] = hidden[remain]
-    new_pos = positions.new_zeros(3, bsz, new_len)
-    new_pos[:, slots] = positions[:, remain]
-    new_cache = DynamicCache(config=compat.text_config(model))
-    for i in cached_layers:
-        keys, values = compat.cache_keys(cache, i), compat.cache_values(cache, i)
-        new_cache.update(_compact_kv(keys, remain, slots), _compact_kv(values, remain, slots), i)
-    return new_hidden, new_pos, slots.long(), new_cache
-
-
-def _compact_kv(kv: torch.Tensor, remain, slots) -> torch.Tensor:
-    """kv [B, h, L, d] -> [B, h, L', d] keeping `remain` positions into `slots`."""
-    moved = kv.transpose(1, 2)  # [B, L, h, d]
-    out = moved.new_zeros(slots.shape[0], slots.shape[1], *moved.shape[2:])
-    out[slots] = moved[remain]
+def _pad_rows(per_row: list, slots: torch.Tensor) -> torch.Tensor:
+    """Per-row [h, L_b, d] tensors -> one left-padded [B, h, L', d] tensor (padding zero)."""
+    heads, dim = per_row[0].shape[0], per_row[0].shape[-1]
+    out = per_row[0].new_zeros(slots.shape[0], slots.shape[1], heads, dim)  # [B, L', h, d]
+    out[slots] = torch.cat([t.transpose(0, 1) for t in per_row])
     return out.transpose(1, 2).contiguous()
 
 
