@@ -12,8 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from conftest import patterned_image, random_modules  # noqa: E402
+from engine_helpers import patterned_image, random_modules  # noqa: E402
 
 from workers.modeling.api import GenerationRequest, SamplingParams  # noqa: E402
 from workers.modeling.engine import GlimpseEngine  # noqa: E402

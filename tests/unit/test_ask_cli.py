@@ -6,7 +6,7 @@ from PIL import Image
 from workers import ask
 from workers.modeling.tiny import save_tiny_model_dir
 
-from conftest import patterned_image, random_modules
+from engine_helpers import patterned_image, random_modules
 
 
 def test_ask_prints_answer_and_saves_overlay(tmp_path, capsys, tiny_model):

@@ -22,7 +22,7 @@ from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule, keep_mask
 
-from conftest import patterned_image
+from engine_helpers import patterned_image
 
 MAX_NEW = 6
 

@@ -9,7 +9,7 @@ import torch
 from workers.modeling.glimpse import CONFIG_NAME, WEIGHTS_NAME, GlimpseCheckpointError, GlimpseConfig, GlimpseModules
 from workers.modeling.importance_predictor import ImportancePredictor, PredictorConfig
 
-from conftest import random_modules
+from engine_helpers import random_modules
 
 
 def official_layout_state(modules: GlimpseModules) -> dict:

@@ -15,7 +15,7 @@ from workers.modeling.glimpse import GlimpseModules
 from workers.modeling.loading import ModelLoadError, load_engine, merge_lora, resolve_dir
 from workers.modeling.tiny import TinySpec, build_tiny_model, load_processor, save_tiny_model_dir
 
-from conftest import patterned_image, random_modules
+from engine_helpers import patterned_image, random_modules
 
 
 def upload_dir(local: Path, url: str) -> None:

@@ -1,0 +1,164 @@
+"""The model stage: a Ray Data UDF class that runs the GlimpsePrune engine with adaptive batching.
+
+Input batch (pyarrow): rows after the image stage (`status`, `error`, `visual_tokens`, `_prompt`,
+`_images`, `_image_tokens`, passthrough columns). Output: the same rows, same order, plus the model
+columns of `schemas.rows.OUTPUT_SCHEMA`. Rows that failed earlier pass through untouched; a batch the
+engine cannot run (e.g. an image the processor rejects) turns only its rows into error rows.
+
+Batching inside the actor (see `workers.batching`):
+  1. the glimpse pass is batched under `batching.max_batch_tokens` raw tokens (prompt + visual);
+  2. after pruning, rows are regrouped by retained length and generation batches are packed under
+     `batching.max_decode_tokens` (retained length + max_new_tokens per row), so short pruned rows
+     do not pay for long ones. Without pruning, step 2 packs by raw length directly.
+`pad_fraction` per row is the padding share of the generation batch it ran in.
+
+Heavy imports (torch, transformers) happen in `__init__`, once per actor. A CUDA failure is re-raised
+so Ray restarts the actor (its task is retried); any other exception becomes error rows.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.job import JobSpec
+from schemas.rows import IMAGES_COLUMN, PROMPT_COLUMN, STATUS_ERROR, STATUS_OK, one_line
+from workers.batching import pack_by_budget, padding_fraction
+
+log = logging.getLogger(__name__)
+MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "prompt_tokens", "output_tokens",
+                 "finish_reason", "prefill_s", "decode_s", "pad_fraction")
+
+
+def keep_rule_for(job: JobSpec):
+    """The pruning strategy of the job as the engine's KeepRule (None = no pruning)."""
+    from workers.modeling.keep_rule import KeepRule
+
+    p = job.pruning
+    if p.mode == "none":
+        return None
+    if p.mode == "fixed_ratio":
+        return KeepRule(fixed_remain_ratio=p.keep_ratio)
+    return KeepRule(threshold=p.threshold, max_remain_ratio=p.max_remain_ratio, min_remain_num=p.min_remain_num)
+
+
+class GlimpseUDF:
+    """Loads the model once per actor; `__call__` maps one pyarrow batch."""
+
+    def __init__(self, job: JobSpec, env: dict | None = None):
+        import os
+
+        from workers.modeling.api import SamplingParams
+
+        for name, value in (env or {}).items():  # credentials for object-store model/image URLs
+            os.environ.setdefault(name, value)
+        from workers.modeling.loading import load_engine
+
+        self.job = job
+        rule = keep_rule_for(job)
+        m = job.model
+        self.engine = load_engine(
+            m.base, m.glimpse_modules if rule is not None else None, rule=rule, dtype=m.dtype,
+            attn_implementation=m.attn_implementation, device=m.device,
+            storage_options=_storage_options(job),
+        )
+        if rule is not None and not self.engine.prunes:
+            raise ValueError("pruning.mode needs model.glimpse_modules")
+        _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
+        s = job.sampling
+        self.sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out: list[dict[str, Any]] = [{} for _ in rows]
+        todo = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
+        requests = {i: self._request(rows[i]) for i in todo}
+        raw = {i: len(rows[i][PROMPT_COLUMN] or "") // 3 + int(rows[i]["visual_tokens"] or 0) for i in todo}
+        b = self.job.batching
+        if self.engine.prunes:
+            glimpsed = self._glimpse(todo, requests, raw, out)
+            lengths = {i: g[0].length for i, g in glimpsed.items()}
+            run = lambda ids: self.engine.generate_from_rows([glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids])  # noqa: E731
+        else:
+            lengths = raw
+            run = lambda ids: self.engine.generate([requests[i] for i in ids], self.sampling)  # noqa: E731
+        ids = sorted(lengths)
+        groups = pack_by_budget([lengths[i] for i in ids], b.max_decode_tokens, b.max_rows, extra=self.sampling.max_new_tokens)
+        for group in groups:
+            members = [ids[k] for k in group]
+            pad = padding_fraction([lengths[i] for i in members], [list(range(len(members)))])
+            self._guarded(members, out, lambda: run(members), pad)
+        return _assemble(batch, rows, out)
+
+    def _request(self, row: dict):
+        from PIL import Image
+
+        from workers.modeling.api import GenerationRequest
+
+        images = tuple(Image.open(io.BytesIO(data)).convert("RGB") for data in row[IMAGES_COLUMN] or [])
+        return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN])
+
+    def _glimpse(self, todo, requests, raw, out) -> dict:
+        """Glimpse pass in raw-token batches; returns {row: (GlimpsedRow, seconds per row)}."""
+        b = self.job.batching
+        glimpsed: dict = {}
+        for group in pack_by_budget([raw[i] for i in todo], b.max_batch_tokens, b.max_rows):
+            members = [todo[k] for k in group]
+
+            def step(members=members):
+                rows, seconds = self.engine.glimpse(self.engine.build_inputs([requests[i] for i in members]))
+                for i, row in zip(members, rows):
+                    glimpsed[i] = (row, seconds / len(members))
+
+            self._guarded(members, out, step)
+        return glimpsed
+
+    def _guarded(self, members, out, fn, pad_fraction_value=None) -> None:
+        try:
+            results = fn()
+        except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows ...
+            if "CUDA" in str(exc) or type(exc).__name__ == "OutOfMemoryError":
+                raise  # ... but a broken GPU must kill the actor so Ray restarts it
+            log.warning("model batch of %d rows failed: %s", len(members), one_line(exc))
+            for i in members:
+                out[i] = {"status": STATUS_ERROR, "error": f"model: {one_line(exc)}"}
+            return
+        for i, res in zip(members, results or []):
+            out[i] = {
+                "answer": res.text, "kept_tokens": res.kept_tokens, "keep_ratio": res.keep_ratio,
+                "kept_per_image": res.kept_per_image, "prompt_tokens": res.prompt_tokens,
+                "output_tokens": res.output_tokens, "finish_reason": res.finish_reason,
+                "prefill_s": res.prefill_s, "decode_s": res.decode_s, "pad_fraction": pad_fraction_value,
+            }
+
+
+def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
+    """Input columns (stage columns dropped) + the model columns, row order unchanged."""
+    table = batch.drop_columns([c for c in (PROMPT_COLUMN, IMAGES_COLUMN) if c in batch.column_names])
+    status = [o.get("status", r.get("status")) for r, o in zip(rows, out)]
+    error = [o.get("error", r.get("error")) for r, o in zip(rows, out)]
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.string()))
+    table = table.set_column(table.column_names.index("error"), "error", pa.array(error, pa.string()))
+    types = {"kept_tokens": pa.int32(), "prompt_tokens": pa.int32(), "output_tokens": pa.int32(), "keep_ratio": pa.float64(),
+             "prefill_s": pa.float64(), "decode_s": pa.float64(), "pad_fraction": pa.float64(),
+             "kept_per_image": pa.list_(pa.int32()), "answer": pa.string(), "finish_reason": pa.string()}
+    for name in MODEL_COLUMNS:
+        table = table.append_column(name, pa.array([o.get(name) for o in out], types[name]))
+    return table
+
+
+def _storage_options(job: JobSpec) -> dict:
+    s = job.input.storage
+    return {k: v for k, v in {"endpoint_url": s.endpoint_url, "region": s.region, "anonymous": s.anonymous or None}.items() if v}
+
+
+def _match_resize(processor, min_pixels: int, max_pixels: int) -> None:
+    """Make the processor's resize bounds the job's, so images resized by the image stage stay as they are."""
+    ip = processor.image_processor
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, value)
+    if isinstance(getattr(ip, "size", None), dict):
+        ip.size = {**ip.size, "shortest_edge": min_pixels, "longest_edge": max_pixels}
