@@ -42,7 +42,7 @@ OUTPUT_SCHEMA = pa.schema(
         _field("kept_tokens", pa.int32(), "Visual tokens kept after pruning, all images."),
         _field("keep_ratio", pa.float64(), "kept_tokens / visual_tokens; null when not computed."),
         _field("kept_per_image", pa.list_(pa.int32()), "Kept visual tokens per image, in image order."),
-        _field("prompt_tokens", pa.int32(), "Prompt length fed to decoding (text + kept visual tokens)."),
+        _field("prompt_tokens", pa.int32(), "Prompt tokens before pruning (text + all visual tokens); after pruning: prompt_tokens - visual_tokens + kept_tokens."),
         _field("output_tokens", pa.int32(), "Generated tokens."),
         _field("finish_reason", pa.string(), "'stop' (end of sequence) or 'length' (max_new_tokens)."),
         _field("image_s", pa.float64(), "Seconds spent loading, decoding and resizing this row's images."),
