@@ -212,3 +212,15 @@ def test_schemas_and_pipeline_modules_do_not_import_torch_or_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_gs_urls_resolve_to_gcsfs_without_network():
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import fsspec_filesystem, pyarrow_filesystem
+    from schemas.job import StorageOptions
+
+    fs, path = fsspec_filesystem("gs://public-bucket/shards/part-0.parquet", StorageOptions(anonymous=True))
+    assert type(fs).__module__.startswith("gcsfs") and path == "public-bucket/shards/part-0.parquet"
+    wrapped, _ = pyarrow_filesystem("gs://public-bucket/shards/", StorageOptions(anonymous=True))
+    assert isinstance(wrapped, pafs.PyFileSystem)
