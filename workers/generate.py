@@ -85,12 +85,16 @@ class GlimpseUDF:
             lengths = raw
             run = lambda ids: self.engine.generate([requests[i] for i in ids], self.sampling)  # noqa: E731
         ids = sorted(lengths)
-        groups = pack_by_budget([lengths[i] for i in ids], b.max_decode_tokens, b.max_rows, extra=self.sampling.max_new_tokens)
+        groups = self._pack([lengths[i] for i in ids], b.max_decode_tokens, extra=self.sampling.max_new_tokens)
         for group in groups:
             members = [ids[k] for k in group]
             pad = padding_fraction([lengths[i] for i in members], [list(range(len(members)))])
             self._guarded(members, out, lambda: run(members), pad)
         return _assemble(batch, rows, out)
+
+    def _pack(self, lengths: list, budget: int, extra: int = 0) -> list:
+        """The batching policy (overridable, e.g. by the benchmark's fixed-row baseline)."""
+        return pack_by_budget(lengths, budget, self.job.batching.max_rows, extra=extra)
 
     def _request(self, row: dict):
         from PIL import Image
@@ -104,7 +108,7 @@ class GlimpseUDF:
         """Glimpse pass in raw-token batches; returns {row: (GlimpsedRow, seconds per row)}."""
         b = self.job.batching
         glimpsed: dict = {}
-        for group in pack_by_budget([raw[i] for i in todo], b.max_batch_tokens, b.max_rows):
+        for group in self._pack([raw[i] for i in todo], b.max_batch_tokens):
             members = [todo[k] for k in group]
 
             def step(members=members):
