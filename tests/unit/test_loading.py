@@ -109,3 +109,16 @@ def test_modules_that_do_not_fit_the_model_fail(tmp_path, tiny_model, tiny_proce
     modules = random_modules(tiny_model, seed=0, reduce_layer=7, selected_layers=(7,))
     with pytest.raises(ValueError, match="reduce_layer 7 >= 4 decoder layers"):
         GlimpseEngine(tiny_model, tiny_processor, modules)
+
+
+def test_hub_style_directory_naming_the_stock_processor_loads(tmp_path):
+    """Real Qwen2.5-VL repos name `Qwen2_5_VLProcessor` (with a video processor); we load image-only."""
+    base = save_tiny_model_dir(tmp_path / "base")
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = base / name
+        path.write_text(path.read_text().replace('"ImageOnlyQwen2_5_VLProcessor"', '"Qwen2_5_VLProcessor"'))
+    assert "Qwen2_5_VLProcessor" in (base / "processor_config.json").read_text()
+    engine = load_engine(str(base), dtype="float32", device="cpu")
+    result = engine.generate([GenerationRequest(images=(patterned_image(56, 56, 1),), prompt="Is there a circle?")],
+                             SamplingParams(max_new_tokens=2))[0]
+    assert result.visual_tokens == 4 and result.output_tokens >= 1

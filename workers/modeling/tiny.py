@@ -349,18 +349,20 @@ def build_processor(
 
 
 def load_processor(path: str | Path) -> ImageOnlyQwen2_5_VLProcessor:
-    """Load the processor saved by `save_tiny_model_dir` (or any directory saved with this processor).
+    """Load the image-only processor from any Qwen2.5-VL directory: ours, or a hub checkpoint whose
+    files name the stock `Qwen2_5_VLProcessor` (AutoProcessor would then try to build the video
+    processor, which transformers 5.x cannot do without torchvision).
 
-    The image processor is saved under its base name, so AutoImageProcessor picks the backend: PIL
+    The image processor is saved under its base name, so the backend is picked at load time: PIL
     where torchvision is absent (the CPU machines), the torchvision twin where it is installed.
     """
     register_processor()
-    processor = AutoProcessor.from_pretrained(str(path))
-    if not isinstance(processor, ImageOnlyQwen2_5_VLProcessor):
-        # AutoProcessor falls back to the bare tokenizer when it cannot resolve the processor class.
-        raise TypeError(
-            f"AutoProcessor.from_pretrained({path}) gave {type(processor).__name__}, not a full processor"
-        )
+    try:
+        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(str(path))
+    except OSError as exc:
+        raise TypeError(f"{path}: not a full processor ({str(exc).splitlines()[0]})") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise TypeError(f"{path}: no image processor and tokenizer found (not a full processor)")
     return processor
 
 
