@@ -116,6 +116,10 @@ class GlimpseConfig:
                 raise GlimpseCheckpointError(f"{source}: missing base field {key!r}")
             return value
 
+        if raw.get("anchor_positions"):
+            raise GlimpseCheckpointError(f"{source}: anchor_positions {raw['anchor_positions']} are not supported")
+        if raw.get("use_ref_masks") or raw.get("use_zero_masks"):
+            raise GlimpseCheckpointError(f"{source}: use_ref_masks/use_zero_masks are training/ablation modes, not inference")
         if "hidden_size" not in vision:
             raise GlimpseCheckpointError(f"{source}: missing vision_config.hidden_size")
         known = {f.name for f in fields(cls)} - {"extra"}
