@@ -1,0 +1,128 @@
+"""The base-model training script: it learns, it resumes where it stopped, its output loads; and the
+shipped small model answers easy held-out questions through the engine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from pipeline.synthetic import WorldConfig, generate_samples
+from workers.modeling.api import GenerationRequest, SamplingParams
+from workers.modeling.engine import GlimpseEngine
+from workers.modeling.tiny import build_processor, build_tiny_model, load_processor
+from workers.training import train_base
+from workers.training.data import IGNORE_INDEX, BatchEncoder
+from workers.training.train_base import HELDOUT_SEED, TrainConfig, build_heads, build_optimizer, train_step
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "small-qwen2_5_vl"
+
+# A run small enough for a unit test: the 0.34M-parameter spec, 112 px scenes (16 visual tokens).
+TINY_RUN = dict(preset="test", image_size=112, steps=6, vision_warmup_steps=2, vision_batch_size=2,
+                batch_size=2, questions_per_image=2, eval_every=3, eval_per_type=2, final_eval_per_type=0,
+                checkpoint_every=2, log_every=2, data_workers=0, threads=1)
+
+
+def _tiny_cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY_RUN, **overrides})
+
+
+def test_prompt_ids_and_pixels_match_the_processor():
+    cfg = _tiny_cfg()
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    samples = train_base.training_samples(cfg, step=3, max_objects=4)
+    batch = BatchEncoder(processor).encode(samples)
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
+                for s in samples]
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    processor.tokenizer.padding_side = "left"
+    images = [s.image for s in samples]
+    ref = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    for row in range(len(samples)):
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool() & (batch.labels[row] == IGNORE_INDEX)]
+        assert torch.equal(prompt, ref["input_ids"][row][ref["attention_mask"][row].bool()])
+        answer = batch.input_ids[row][batch.labels[row] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(answer) == samples[row].answer + "<|im_end|>"
+    # Questions about one scene share its image: pixel rows of image j = the processor's for row 2j.
+    assert batch.pixel_values.shape[0] * cfg.questions_per_image == ref["pixel_values"].shape[0]
+    per_image = ref["pixel_values"].shape[0] // len(samples)
+    for j in range(len(samples) // cfg.questions_per_image):
+        got = batch.pixel_values[j * per_image:(j + 1) * per_image]
+        want = ref["pixel_values"][2 * j * per_image:(2 * j + 1) * per_image]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    cfg = _tiny_cfg(vision_warmup_steps=0, freeze_vision=False, warmup_steps=1, lr=3e-3)
+    torch.manual_seed(0)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    batch = BatchEncoder(processor).encode(train_base.training_samples(cfg, step=0, max_objects=2))
+    model, heads = build_tiny_model(cfg.spec, seed=0), build_heads(cfg)
+    optimizer = build_optimizer(model, heads, cfg)
+    losses = [train_step(model, heads, optimizer, batch, cfg, step=1) for _ in range(8)]
+    assert losses[-1].lm_loss < 0.7 * losses[0].lm_loss
+    assert losses[-1].cell_loss < losses[0].cell_loss
+
+
+def _run(tmp: Path, *extra: str) -> int:
+    args = ["--out", str(tmp / "model"), "--checkpoint-dir", str(tmp / "ckpt"), "--skip-engine-eval"]
+    for key, value in TINY_RUN.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return train_base.main(args + list(extra))
+
+
+def test_stop_resume_and_load(tmp_path, monkeypatch):
+    # Uninterrupted reference run.
+    assert _run(tmp_path / "ref") == 0
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ref" / "model")
+
+    # Stopped during step 5 (0-based 4): the last checkpoint is after step 4.
+    real_step, calls = train_base.train_step, []
+
+    def stopping_step(*args, **kwargs):
+        calls.append(kwargs.get("step", args[-1]))
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_base, "train_step", stopping_step)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "stopped", "--keep-checkpoints")
+    saved = torch.load(tmp_path / "stopped" / "ckpt" / "last.pt", weights_only=False)
+    assert saved["state"]["step"] == 4
+
+    calls.clear()
+    monkeypatch.setattr(train_base, "train_step", lambda *a, **k: (calls.append(k.get("step", a[-1])),
+                                                                    real_step(*a, **k))[1])
+    assert _run(tmp_path / "stopped", "--resume") == 0
+    assert calls == [4, 5]  # continued at the saved step, not from 0
+    out = tmp_path / "stopped" / "model"
+    assert not (tmp_path / "stopped" / "ckpt").exists()  # removed after a finished run
+    summary = json.loads((out / train_base.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6 and summary["curve_teacher_forced"]
+
+    resumed = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
+    load_processor(out)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _easy_rows(n: int) -> list:
+    """Single-object attribute / existence questions from a held-out seed (training uses seed 0)."""
+    world = WorldConfig(max_objects=1, question_mix=(("attribute", 0.5), ("existence", 0.5)), seed=HELDOUT_SEED + 7)
+    return [s for s in generate_samples(world, 3 * n) if s.qtype in ("attribute", "existence")][:n]
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(),
+                    reason=f"no shipped model at {SHIPPED}; make it with python -m workers.training.train_base")
+def test_shipped_model_answers_easy_heldout_questions():
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(SHIPPED, attn_implementation="sdpa")
+    engine = GlimpseEngine(model.float().eval(), load_processor(SHIPPED))
+    rows = _easy_rows(10)
+    results = engine.generate([GenerationRequest(images=(s.image,), prompt=s.question) for s in rows],
+                              SamplingParams(max_new_tokens=8))
+    answers = [(s.question, s.answer, r.text.strip()) for s, r in zip(rows, results)]
+    assert sum(want == got for _, want, got in answers) >= 8, answers
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir() if f.is_file()) <= 20 * 2**20

@@ -1,0 +1,714 @@
+"""Train the small Qwen2.5-VL base model from scratch on the synthetic VQA world, on CPU.
+
+    python -m workers.training.train_base --out models/small-qwen2_5_vl            # ~1 h, 2 CPU cores
+    python -m workers.training.train_base --out DIR --resume                         # after a stop
+
+Place in the project: this writes the shipped `models/small-qwen2_5_vl` directory, the base model
+that the engine, the demo and GlimpsePrune training load like a hub checkpoint (stock
+`Qwen2_5_VLForConditionalGeneration`, our tokenizer and image-only processor from
+`workers.modeling.tiny`). Nothing here is needed at inference.
+
+The recipe, and why (two phases, one optimizer, one cosine schedule per phase):
+- Phase 1, vision warm-up (`vision_warmup_steps`): only the vision tower learns, from dense
+  auxiliary supervision. A one-word answer is too weak a signal to teach a from-scratch vision tower
+  shapes (a plain run plateaued at 42-46%: colours learnt, shapes at chance). Two linear heads
+  (`AuxHeads`) read the vision tower's merged tokens, the very vectors the language model sees, and
+  learn the generator's layout (`pipeline.synthetic.dense_cell_labels`: shape and colour of the
+  object under each 28 px cell centre): shape cross-entropy on object cells only (background is ~90%
+  of cells and would swamp it), colour cross-entropy on all cells (background = objectness), and an
+  MSE pulling each merged token towards a fixed random code of its cell's (shape, colour), so that
+  all background tokens look alike and object tokens stand out (see `cell_losses` for the evidence).
+  The heads and codes are training-only and are not saved with the model.
+- Phase 2, language model: the vision tower is frozen (`freeze_vision`; it runs without gradients,
+  which also makes a step ~40% cheaper) and each scene is asked `questions_per_image` questions, so
+  one vision pass feeds several answer losses. The loss covers only the answer tokens and
+  `<|im_end|>`, each row weighted equally (a long caption would otherwise outweigh one-word answers).
+  Word targets supervise the first hop directly: at each shape (colour) word of a question, linear
+  heads on decoder layer `word_layer` predict the colours (shapes) of the scene's objects of that
+  shape (colour) and their number (`data.BatchEncoder.question_words`).
+- A mastery curriculum on the number of objects: phase 2 starts with one-object scenes, where no
+  search is needed, and the object cap rises by one whenever the attribute + existence rows of the
+  last `curriculum_window` steps were answered right `advance_accuracy` of the time; a linear floor
+  reaches the world's 12 at `curriculum_end` of phase 2 whatever happens. Caps are fixed when a batch
+  is submitted to the data workers, and saved, so a resumed run draws the same batches.
+- Every training scene is fresh (scene `step * 32 + i` of the seeded world), and the held-out worlds
+  use their own seeds (`HELDOUT_SEED + k`).
+
+Evaluation: during training, teacher-forced exact match on a fixed held-out set (every answer token
+and `<|im_end|>` must be the argmax; this equals "greedy decoding gives the answer", up to another
+token sequence decoding to the same text). At the end, the saved directory is reloaded and asked
+through `GlimpseEngine` (no pruning, greedy), exactly as users run it.
+
+Checkpoints (`<checkpoint_dir>/last.pt`, written atomically every `checkpoint_every` steps): model,
+heads, optimizer, step, RNG state, the accuracy curve and elapsed time. They are removed after a
+successful export unless `--keep-checkpoints`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.synthetic import COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples
+from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
+
+from .data import IGNORE_INDEX, MAX_COUNT, SHAPE_WORD, BatchEncoder, TrainBatch, scene_questions
+
+log = logging.getLogger(__name__)
+
+MAX_OBJECTS = 12  # the synthetic world's default cap, the held-out scenes' distribution
+HELDOUT_SEED = 1000  # held-out world of question type k uses seed HELDOUT_SEED + k
+SUMMARY_FILE = "training_summary.json"
+CHECKPOINT_FILE = "last.pt"
+
+# The shipped model: 2.2M parameters, ~9 MB of fp32 weights. M-RoPE sections (4, 6, 6) sum to
+# head_dim / 2 = 16. rope_theta 1e4 rather than the stock 1e6 so that the 8x8 grid positions of
+# the visual tokens and the ~100 text positions rotate enough to be told apart by a small model.
+PRESETS = {
+    "small": TinySpec(
+        vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
+        vision_fullatt_block_indexes=(1, 3), vision_window_size=112,
+        text_num_layers=4, text_hidden_size=128, text_num_heads=4, text_num_kv_heads=2,
+        text_intermediate_size=384, text_head_dim=32, mrope_section=(4, 6, 6), rope_theta=10_000.0,
+    ),
+    # Same, with 28 px patches and no 2x2 merge: one vision token per 28 px cell, 4x fewer vision tokens
+    # (the vision tower is most of a step's cost at 14 px patches). Same 8x8 grid at 224 px.
+    "small-p28": TinySpec(
+        vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
+        vision_fullatt_block_indexes=(0, 1, 2, 3), vision_window_size=112, patch_size=28, spatial_merge_size=1,
+        text_num_layers=4, text_hidden_size=128, text_num_heads=4, text_num_kv_heads=2,
+        text_intermediate_size=384, text_head_dim=32, mrope_section=(4, 6, 6), rope_theta=10_000.0,
+    ),
+    "test": TinySpec(rope_theta=10_000.0),  # the 0.34M-parameter default, for unit tests
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. A step is one optimizer step on `batch_size` scenes with
+    `questions_per_image` questions each; the first `vision_warmup_steps` train only the vision
+    tower and the cell heads."""
+
+    preset: str = "small"  # key of PRESETS
+    steps: int = 2800  # both phases
+    vision_warmup_steps: int = 800  # phase 1: vision tower + cell heads on the cell loss, no language model
+    vision_batch_size: int = 32  # scenes per phase-1 step (full scenes, 1..12 objects)
+    batch_size: int = 16  # scenes per phase-2 step ...
+    questions_per_image: int = 4  # ... each asked this many questions: rows = batch_size * this
+    freeze_vision: bool = True  # phase 2 trains the language model only (the vision tower runs no-grad)
+    lr: float = 2e-3  # peak of each phase; linear warm-up, cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50  # per phase
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    cell_loss_weight: float = 1.0  # weight of (shape CE on object cells + colour CE on all cells)
+    code_loss_weight: float = 1.0  # weight of the MSE of merged tokens to their cell's class code
+    word_loss_weight: float = 1.0  # weight of the question-word targets (phase 2)
+    word_layer: int = 2  # decoder layer whose output the word heads read (1-based; 2 of 4)
+    start_max_objects: int = 1  # curriculum: object cap when the language model starts training
+    advance_accuracy: float = 0.9  # raise the cap when attribute + existence rows reach this ...
+    curriculum_window: int = 20  # ... exact-match accuracy over this many steps
+    curriculum_end: float = 0.8  # the cap is at least a linear ramp reaching 12 at this share of phase 2
+    question_mix: tuple[tuple[str, float], ...] = (
+        ("attribute", 0.4), ("existence", 0.4), ("counting", 0.15), ("captioning", 0.05))
+    image_size: int = 224  # px; 224 -> 8x8 = 64 visual tokens
+    seed: int = 0  # training world seed and weight-init seed
+    eval_every: int = 250
+    eval_per_type: int = 100  # held-out samples per question type, teacher-forced, during training
+    final_eval_per_type: int = 400  # held-out samples per question type through the engine at the end
+    checkpoint_every: int = 100
+    log_every: int = 10
+    data_workers: int = 1  # processes drawing and encoding batches ahead (0 = in the main one)
+    threads: int = 2  # torch intra-op threads
+    device: str = "cpu"  # "cuda" for quick recipe checks; the shipped model is trained on CPU
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r} not in {sorted(PRESETS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.questions_per_image < 1 or self.lr <= 0:
+            raise ValueError(f"need steps, batch_size, questions_per_image >= 1 and lr > 0; got "
+                             f"{self.steps}, {self.batch_size}, {self.questions_per_image}, {self.lr}")
+        if self.seed in range(HELDOUT_SEED, HELDOUT_SEED + len(QTYPES)):
+            raise ValueError(f"seed {self.seed} collides with the held-out seeds "
+                             f"{HELDOUT_SEED}..{HELDOUT_SEED + len(QTYPES) - 1}")
+        if not 1 <= self.start_max_objects <= MAX_OBJECTS:
+            raise ValueError(f"start_max_objects must be in 1..{MAX_OBJECTS}, got {self.start_max_objects}")
+        if not 0 <= self.vision_warmup_steps < self.steps:
+            raise ValueError(f"vision_warmup_steps {self.vision_warmup_steps} must be in [0, steps {self.steps})")
+
+    @property
+    def spec(self) -> TinySpec:
+        return PRESETS[self.preset]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and curriculum
+
+
+def scheduled_floor(cfg: TrainConfig, step: int) -> int:
+    """The lowest object cap at `step`: a linear ramp from start_max_objects (end of the vision
+    warm-up) to 12 (at curriculum_end * steps), so a slow learner still meets full scenes."""
+    begin = cfg.vision_warmup_steps
+    end = max(begin + cfg.curriculum_end * (cfg.steps - begin), begin + 1)
+    frac = min(max((step - begin) / (end - begin), 0.0), 1.0)
+    return int(cfg.start_max_objects + frac * (MAX_OBJECTS - cfg.start_max_objects))
+
+
+def training_samples(cfg: TrainConfig, step: int, max_objects: int) -> list[Sample]:
+    """The batch of `step` (scenes step * batch_size + i, `questions_per_image` questions each) with
+    at most `max_objects` objects: a pure function of its arguments, which makes resuming exact."""
+    world = WorldConfig(image_size=cfg.image_size, max_objects=max_objects,
+                        question_mix=cfg.question_mix, seed=cfg.seed)
+    vision_phase = step < cfg.vision_warmup_steps
+    scenes = cfg.vision_batch_size if vision_phase else cfg.batch_size
+    questions = 1 if vision_phase else cfg.questions_per_image
+    first = step * max(cfg.vision_batch_size, cfg.batch_size)  # no scene is drawn twice
+    return [q for i in range(first, first + scenes) for q in scene_questions(world, i, questions)]
+
+
+def heldout_samples(image_size: int, per_type: int) -> dict[str, list[Sample]]:
+    """`per_type` samples of each question type from the default world (1..12 objects).
+
+    Type k is drawn from its own world (seed HELDOUT_SEED + k, only that type in the mix); an
+    attribute question with no askable object falls back to counting and is skipped.
+    """
+    out = {}
+    for k, qtype in enumerate(QTYPES):
+        world = WorldConfig(image_size=image_size, question_mix=((qtype, 1.0),), seed=HELDOUT_SEED + k)
+        picked: list[Sample] = []
+        index = 0
+        while len(picked) < per_type:
+            sample = next(generate_samples(world, 1, index))
+            index += 1
+            if sample.qtype == qtype:
+                picked.append(sample)
+        out[qtype] = picked
+    return out
+
+
+# Set only inside feeder worker processes (by `_init_worker`): each builds its own encoder once.
+_WORKER_ENCODER: BatchEncoder | None = None
+
+
+def _init_worker(cfg: TrainConfig) -> None:
+    global _WORKER_ENCODER
+    torch.set_num_threads(1)
+    _WORKER_ENCODER = BatchEncoder(build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec))
+
+
+def _encode_in_worker(cfg: TrainConfig, step: int, max_objects: int) -> TrainBatch:
+    return _WORKER_ENCODER.encode(training_samples(cfg, step, max_objects))
+
+
+class BatchFeeder:
+    """Draws and encodes the batches of the next steps in worker processes while the model trains.
+
+    The object cap of a step's batch is fixed when it is submitted (`submit`), a few steps ahead of
+    training; `planned` records those caps, so a resumed run re-submits exactly the same batches.
+    """
+
+    def __init__(self, cfg: TrainConfig, encoder: BatchEncoder):
+        self.cfg, self.encoder = cfg, encoder
+        self.futures: dict[int, Future] = {}
+        self.pool = None
+        if cfg.data_workers > 0:
+            self.pool = ProcessPoolExecutor(cfg.data_workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_init_worker, initargs=(cfg,))
+
+    @property
+    def lookahead(self) -> int:
+        return self.cfg.data_workers + 1
+
+    def submit(self, step: int, max_objects: int) -> None:
+        if self.pool is not None and step < self.cfg.steps:
+            self.futures[step] = self.pool.submit(_encode_in_worker, self.cfg, step, max_objects)
+
+    def take(self, step: int, max_objects: int) -> TrainBatch:
+        future = self.futures.pop(step, None)
+        if future is not None:
+            return future.result()
+        return self.encoder.encode(training_samples(self.cfg, step, max_objects))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, heads, losses
+
+
+class AuxHeads(nn.Module):
+    """Training-only linear heads (never saved with the model), all reading D = text hidden size.
+
+    Cell heads, on the vision tower's merged tokens: `shape` and `colour` of each cell (class 0 =
+    background). Word heads, on decoder layer `word_layer`'s output at each shape / colour word of a
+    question: `colours_of` (the colours of the objects of that shape, multi-label), `shapes_of` (the
+    shapes of the objects of that colour), `count` (how many, 0..MAX_COUNT).
+    """
+
+    def __init__(self, hidden_size: int, seed: int = 0):
+        super().__init__()
+        # Fixed class codes (not trained): a cell's merged token is pulled towards
+        # shape_codes[shape] + colour_codes[colour], background included. See `cell_losses`.
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("shape_codes", torch.randn(len(SHAPES) + 1, hidden_size, generator=gen))
+        self.register_buffer("colour_codes", torch.randn(len(COLOURS) + 1, hidden_size, generator=gen))
+        self.shape = nn.Linear(hidden_size, len(SHAPES) + 1)
+        self.colour = nn.Linear(hidden_size, len(COLOURS) + 1)
+        self.colours_of = nn.Linear(hidden_size, len(COLOURS))
+        self.shapes_of = nn.Linear(hidden_size, len(SHAPES))
+        self.count = nn.Linear(hidden_size, MAX_COUNT + 1)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shape(tokens), self.colour(tokens)  # [N, 9], [N, 9]
+
+
+def build_heads(cfg: TrainConfig) -> AuxHeads:
+    with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only
+        torch.manual_seed(cfg.seed)
+        return AuxHeads(cfg.spec.text_hidden_size, seed=cfg.seed).to(cfg.device)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # the optimised total
+    lm_loss: float  # nan when the language model did not run
+    cell_loss: float
+    shape_acc: float  # cell shape accuracy on object cells
+    colour_acc: float  # cell colour accuracy on object cells
+    correct: torch.Tensor | None  # [B] bool: every answer token (and <|im_end|>) is the argmax
+    word_loss: float = float("nan")
+    word_acc: float = float("nan")  # question words whose multi-label target is predicted exactly
+
+
+def cell_losses(heads: AuxHeads, tokens: torch.Tensor, batch: TrainBatch,
+                code_loss_weight: float = 1.0) -> tuple[torch.Tensor, float, float]:
+    """Shape CE over the object cells only (background cells would swamp it: ~90% of all cells),
+    colour CE over all cells (its background class is the objectness signal), and the code MSE.
+
+    Why the code MSE: with merged tokens that are merely linearly decodable, the language model
+    stayed at its answer prior for hundreds of steps (background tokens vary with texture and
+    position and drown the few object tokens), while with "oracle" tokens = fixed random code of the
+    cell's (shape, colour), one vector for all background, it learnt to read one-object scenes in
+    ~100 steps. Pulling the real tokens towards those codes gives the language model that geometry.
+    """
+    shape_logits, colour_logits = heads(tokens)  # [I * G, 9] each
+    on_object = batch.cell_shape > 0
+    codes = heads.shape_codes[batch.cell_shape] + heads.colour_codes[batch.cell_colour]  # [I * G, D]
+    colour_loss = F.cross_entropy(colour_logits, batch.cell_colour) + code_loss_weight * F.mse_loss(tokens, codes)
+    if not bool(on_object.any()):
+        return colour_loss, float("nan"), float("nan")
+    shape_logits, colour_logits = shape_logits[on_object], colour_logits[on_object]
+    shapes, colours = batch.cell_shape[on_object], batch.cell_colour[on_object]
+    loss = F.cross_entropy(shape_logits, shapes) + colour_loss
+    shape_acc = float((shape_logits.argmax(-1) == shapes).float().mean())
+    colour_acc = float((colour_logits.argmax(-1) == colours).float().mean())
+    return loss, shape_acc, colour_acc
+
+
+def word_losses(heads: AuxHeads, hidden: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, float]:
+    """Multi-label BCE (colours of a shape / shapes of a colour) + count CE at the question words.
+
+    hidden: [B, L, D], one decoder layer's output. Returns the loss and the exact-set accuracy.
+    """
+    if batch.word_kind.numel() == 0:
+        return hidden.new_zeros(()), float("nan")
+    h = hidden[batch.word_pos[:, 0], batch.word_pos[:, 1]]  # [K, D]
+    is_shape = (batch.word_kind == SHAPE_WORD).unsqueeze(-1)  # [K, 1]
+    logits = torch.where(is_shape, heads.colours_of(h), heads.shapes_of(h))  # [K, 8]
+    loss = (F.binary_cross_entropy_with_logits(logits, batch.word_multi)
+            + F.cross_entropy(heads.count(h), batch.word_count))
+    exact = ((logits > 0).float() == batch.word_multi).all(dim=-1).float().mean()
+    return loss, float(exact)
+
+
+def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, heads: AuxHeads | None = None,
+                  word_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The language model on prompt + answer, run as in the engine's prefill: token embeddings with
+    the image tokens' rows replaced by the vision tower's merged tokens (each row gets its image's,
+    `image_index`), stock M-RoPE positions from `get_rope_index`, the stock decoder stack.
+
+    Returns the answer loss (mean over rows of the mean over each row's answer tokens), [B] bool
+    "every answer token is the argmax", and (with `heads`) the word loss and accuracy at decoder
+    layer `word_layer`.
+    """
+    inner = model.model
+    is_image = batch.input_ids == model.config.image_token_id  # [B, L]
+    row_tokens = torch.cat([per_image[j] for j in batch.image_index.tolist()], dim=0)  # [B * G, D]
+    embeds = inner.get_input_embeddings()(batch.input_ids)  # [B, L, D]
+    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), row_tokens.to(embeds.dtype))
+    positions, _ = inner.get_rope_index(
+        batch.input_ids, mm_token_type_ids=is_image.int(), image_grid_thw=batch.image_grid_thw[batch.image_index],
+        attention_mask=batch.attention_mask)  # [3, B, L]
+    out = inner.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+                               use_cache=False, output_hidden_states=heads is not None)
+    hidden = out.last_hidden_state  # [B, L, D]
+    word_loss, word_acc = hidden.new_zeros(()), float("nan")
+    if heads is not None:
+        word_loss, word_acc = word_losses(heads, out.hidden_states[word_layer], batch)
+    targets = batch.labels[:, 1:]  # position t predicts token t + 1
+    scored = targets != IGNORE_INDEX  # [B, L-1]
+    logits = model.lm_head(hidden[:, :-1][scored])  # [T, V]
+    wanted = targets[scored]  # [T]
+    rows = scored.nonzero()[:, 0]  # [T]
+    per_token = F.cross_entropy(logits, wanted, reduction="none")
+    counts = scored.sum(dim=1).clamp(min=1)  # [B]
+    zeros = per_token.new_zeros(len(counts))
+    loss = (zeros.index_add(0, rows, per_token) / counts).mean()
+    wrong = zeros.index_add(0, rows, (logits.argmax(-1) != wanted).float())
+    return loss, wrong == 0, word_loss, word_acc
+
+
+def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
+                  with_lm: bool = True, train_vision: bool = True) -> StepOutput:
+    """Vision tower -> cell heads (and, with_lm, the language model -> answer loss).
+
+    train_vision=False runs the vision tower and heads without gradients (their loss is reported
+    but not optimised).
+    """
+    with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+        image_out = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True)
+        per_image = image_out.pooler_output  # I x [G, D]
+        cell_loss, shape_acc, colour_acc = cell_losses(heads, torch.cat(per_image, dim=0), batch, cfg.code_loss_weight)
+    loss = cfg.cell_loss_weight * cell_loss if train_vision else 0.0
+    if not with_lm:
+        return StepOutput(loss, float("nan"), float(cell_loss.detach()), shape_acc, colour_acc, None)
+    word_heads = heads if cfg.word_loss_weight > 0 else None
+    lm_loss, correct, word_loss, word_acc = answer_losses(model, per_image, batch, word_heads, cfg.word_layer)
+    return StepOutput(loss + lm_loss + cfg.word_loss_weight * word_loss, float(lm_loss.detach()),
+                      float(cell_loss.detach()), shape_acc, colour_acc, correct.cpu(),
+                      float(word_loss.detach()), word_acc)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Each phase has its own warm-up and cosine decay (the language model starts in phase 2)."""
+    begin, end = (0, cfg.vision_warmup_steps) if step < cfg.vision_warmup_steps else (cfg.vision_warmup_steps, cfg.steps)
+    step, length = step - begin, end - begin
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(length - cfg.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model, heads: AuxHeads, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for name, param in list(model.named_parameters()) + list(heads.named_parameters()):
+        (decay if param.ndim >= 2 and "embed_tokens" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def train_step(model, heads, optimizer, batch: TrainBatch, cfg: TrainConfig, step: int) -> StepOutput:
+    """One optimizer step; the phase (vision warm-up or language model) follows from `step`."""
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    with_lm = step >= cfg.vision_warmup_steps
+    train_vision = not (with_lm and cfg.freeze_vision)
+    out = forward_batch(model, heads, batch, cfg, with_lm=with_lm, train_vision=train_vision)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), cfg.grad_clip)
+    optimizer.step()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, heads, encoder: BatchEncoder, heldout: dict[str, list[Sample]],
+                            cfg: TrainConfig, batch_size: int = 50) -> dict[str, float]:
+    """Exact-match accuracy by question type, with every answer token scored under teacher forcing."""
+    model.eval()
+    device = next(model.parameters()).device
+    accuracy = {}
+    for qtype, samples in heldout.items():
+        correct = 0
+        for start in range(0, len(samples), batch_size):
+            batch = encoder.encode(samples[start:start + batch_size]).to(device)
+            correct += int(forward_batch(model, heads, batch, cfg).correct.sum())
+        accuracy[qtype] = correct / len(samples)
+    return accuracy
+
+
+def engine_accuracy(model_dir: str | Path, per_type: int, image_size: int = 224,
+                    batch_size: int = 50) -> dict[str, dict]:
+    """Reload `model_dir` and ask the held-out questions through `GlimpseEngine` (greedy, no pruning).
+
+    Returns {qtype: {"accuracy", "n", "wrong_examples"}}; an answer counts when the stripped text equals
+    the generator's answer.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from workers.modeling.api import GenerationRequest, SamplingParams
+    from workers.modeling.engine import GlimpseEngine
+    from workers.modeling.tiny import load_processor
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), attn_implementation="sdpa")
+    engine = GlimpseEngine(model.float().eval(), load_processor(model_dir))
+    sampling = SamplingParams(max_new_tokens=64)
+    results = {}
+    for qtype, samples in heldout_samples(image_size, per_type).items():
+        answers = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            requests = [GenerationRequest(images=(s.image,), prompt=s.question) for s in chunk]
+            answers += [r.text.strip() for r in engine.generate(requests, sampling)]
+        hits = [a == s.answer for a, s in zip(answers, samples)]
+        wrong = [{"id": s.id, "question": s.question, "answer": s.answer, "got": a}
+                 for a, s, hit in zip(answers, samples, hits) if not hit][:5]
+        results[qtype] = {"accuracy": sum(hits) / len(hits), "n": len(hits), "wrong_examples": wrong}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and export
+
+
+@dataclass
+class RunState:
+    """What survives a stop: the next step, the curriculum, the curve so far, the wall time spent."""
+
+    step: int = 0  # the next step to run
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds of the training process (data workers not counted)
+    max_objects: int = 1  # the mastery curriculum's object cap (the scheduled floor may be higher)
+    planned: dict = field(default_factory=dict)  # step -> object cap of batches already submitted
+    window_hits: int = 0  # attribute + existence rows answered right in the current window
+    window_rows: int = 0
+    curve: list = field(default_factory=list)
+    cap_changes: list = field(default_factory=list)  # [step, cap] each time the mastery cap rises
+
+
+# Fields a resumed run must share with its checkpoint: they decide the weights' shapes, the data drawn
+# at each step and the phase boundary.
+_RESUME_KEYS = ("preset", "seed", "image_size", "batch_size", "vision_batch_size", "questions_per_image",
+                "vision_warmup_steps", "question_mix")
+
+
+def save_checkpoint(path: Path, model, heads, optimizer, state: RunState, cfg: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+        "state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a stop mid-write leaves the previous checkpoint
+
+
+def load_checkpoint(path: Path, model, heads, optimizer, cfg: TrainConfig) -> RunState:
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file (optimizer state holds plain objects)
+    saved, now = payload["config"], dataclasses.asdict(cfg)
+    differ = {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
+    if differ:  # other fields (steps, eval and logging settings, workers) may change on resume
+        raise ValueError(f"checkpoint {path} does not match this run; (saved, now): {differ}")
+    model.load_state_dict(payload["model"])
+    heads.load_state_dict(payload["heads"])
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    return RunState(**payload["state"])
+
+
+def export_model(model, processor, out: Path) -> None:
+    """The model directory: config, fp32 safetensors, generation config, tokenizer, processor."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def dir_size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _cap_for(cfg: TrainConfig, state: RunState, step: int) -> int:
+    """Object cap of the batch of `step`: full scenes in the vision warm-up, else the curriculum's."""
+    if step < cfg.vision_warmup_steps:
+        return MAX_OBJECTS
+    return max(state.max_objects, scheduled_floor(cfg, step))
+
+
+def _update_curriculum(cfg: TrainConfig, state: RunState, batch: TrainBatch, out: StepOutput) -> None:
+    """Mastery rule: raise the cap by one when the attribute + existence rows of the last
+    `curriculum_window` steps were answered right at least `advance_accuracy` of the time."""
+    keep = torch.tensor([q in ("attribute", "existence") for q in batch.qtypes])
+    state.window_hits += int(out.correct[keep].sum())
+    state.window_rows += int(keep.sum())
+    if (state.step - cfg.vision_warmup_steps) % cfg.curriculum_window:
+        return
+    accuracy = state.window_hits / max(state.window_rows, 1)
+    if accuracy >= cfg.advance_accuracy and state.max_objects < MAX_OBJECTS:
+        state.max_objects += 1
+        state.cap_changes.append([state.step, state.max_objects])
+        log.info("curriculum: window accuracy %.3f >= %.2f, object cap -> %d", accuracy, cfg.advance_accuracy,
+                 state.max_objects)
+    state.window_hits = state.window_rows = 0
+
+
+def _log_window(cfg: TrainConfig, state: RunState, lr: float, outs: Sequence[StepOutput], t0: float) -> None:
+    def mean(values):  # ignoring nan (a batch without object cells, a warm-up step without answers)
+        kept = [v for v in values if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else float("nan")
+
+    answered = [o for o in outs if o.correct is not None]
+    train_acc = mean([float(o.correct.float().mean()) for o in answered]) if answered else float("nan")
+    log.info("step %d/%d lr %.2e lm %.4f cell %.4f shape %.3f colour %.3f word %.4f word_acc %.3f "
+             "train_acc %.3f cap %d %.2fs/step",
+             state.step, cfg.steps, lr, mean([o.lm_loss for o in outs]), mean([o.cell_loss for o in outs]),
+             mean([o.shape_acc for o in outs]), mean([o.colour_acc for o in outs]),
+             mean([o.word_loss for o in outs]), mean([o.word_acc for o in outs]), train_acc,
+             _cap_for(cfg, state, state.step - 1), (time.perf_counter() - t0) / len(outs))
+
+
+def _evaluate(cfg, state, model, heads, encoder, heldout, start_time) -> None:
+    accuracy = teacher_forced_accuracy(model, heads, encoder, heldout, cfg)
+    state.curve.append({"step": state.step, "wall_s": round(time.perf_counter() - start_time, 1),
+                        "object_cap": _cap_for(cfg, state, state.step - 1), "accuracy": accuracy})
+    log.info("held-out (teacher-forced, %d per type) at step %d: %s", cfg.eval_per_type, state.step,
+             " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+
+
+def train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool = False) -> RunState:
+    """Train (or continue) to `cfg.steps`, export the model to `out`, return the final state."""
+    torch.set_num_threads(cfg.threads)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    encoder = BatchEncoder(processor)
+    model = build_tiny_model(cfg.spec, seed=cfg.seed).to(cfg.device)
+    heads = build_heads(cfg)
+    optimizer = build_optimizer(model, heads, cfg)
+    ckpt = checkpoint_dir / CHECKPOINT_FILE
+    state = RunState(max_objects=cfg.start_max_objects)
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model, heads, optimizer, cfg)
+        log.info("resumed from %s at step %d (%.0f s spent)", ckpt, state.step, state.elapsed_s)
+    elif resume:
+        log.info("no checkpoint at %s; starting from step 0", ckpt)
+    heldout = heldout_samples(cfg.image_size, cfg.eval_per_type)
+    start_time, window, window_t0 = time.perf_counter() - state.elapsed_s, [], time.perf_counter()
+    cpu_start = time.process_time() - state.cpu_s
+    feeder = BatchFeeder(cfg, encoder)
+    try:
+        for step in range(state.step, min(state.step + feeder.lookahead, cfg.steps)):
+            feeder.submit(step, state.planned.setdefault(step, _cap_for(cfg, state, step)))
+        while state.step < cfg.steps:
+            step, lr = state.step, lr_at(cfg, state.step)
+            batch = feeder.take(step, state.planned.pop(step))
+            with_lm = step >= cfg.vision_warmup_steps
+            window.append(train_step(model, heads, optimizer, batch.to(cfg.device), cfg, step))
+            state.step += 1
+            if with_lm:
+                _update_curriculum(cfg, state, batch, window[-1])
+            ahead = step + feeder.lookahead
+            if ahead < cfg.steps:
+                feeder.submit(ahead, state.planned.setdefault(ahead, _cap_for(cfg, state, ahead)))
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                _log_window(cfg, state, lr, window, window_t0)
+                window, window_t0 = [], time.perf_counter()
+            if with_lm and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                _evaluate(cfg, state, model, heads, encoder, heldout, start_time)
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                state.elapsed_s = time.perf_counter() - start_time
+                state.cpu_s = time.process_time() - cpu_start
+                save_checkpoint(ckpt, model, heads, optimizer, state, cfg)
+    finally:
+        feeder.close()
+    state.elapsed_s = time.perf_counter() - start_time
+    state.cpu_s = time.process_time() - cpu_start
+    export_model(model.cpu(), processor, out)
+    return state
+
+
+def write_summary(out: Path, cfg: TrainConfig, state: RunState, engine_eval: dict | None) -> dict:
+    from safetensors.torch import load_file
+
+    weights = out / "model.safetensors"
+    n_params = sum(t.numel() for t in load_file(str(weights)).values()) if weights.exists() else None
+    summary = {
+        "steps": state.step,
+        "scenes_seen": state.step * cfg.batch_size,
+        "questions_seen": state.step * cfg.batch_size * cfg.questions_per_image,
+        "wall_time_s": round(state.elapsed_s, 1),
+        "train_process_cpu_s": round(state.cpu_s, 1),
+        "threads": cfg.threads,
+        "config": dataclasses.asdict(cfg),
+        "spec": dataclasses.asdict(cfg.spec),
+        "parameters": n_params,
+        "dir_size_bytes": dir_size_bytes(out),
+        "heldout_seeds": {q: HELDOUT_SEED + k for k, q in enumerate(QTYPES)},
+        "curve_teacher_forced": state.curve,
+        "final_teacher_forced": state.curve[-1]["accuracy"] if state.curve else None,
+        "curriculum_cap_changes": state.cap_changes,
+        "engine_eval": engine_eval,
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m workers.training.train_base", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt")
+    parser.add_argument("--checkpoint-dir", type=Path, help="default: <out>/checkpoints")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--skip-engine-eval", action="store_true")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "question_mix":
+            continue
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "question_mix"}
+    return TrainConfig(**values), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the data workers are shut down; the last checkpoint stays.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cfg, args = _parse_args(argv)
+    checkpoint_dir = args.checkpoint_dir or args.out / "checkpoints"
+    state = train(cfg, args.out, checkpoint_dir, resume=args.resume)
+    engine_eval = None
+    if not args.skip_engine_eval and cfg.final_eval_per_type > 0:
+        t0 = time.perf_counter()
+        engine_eval = engine_accuracy(args.out, cfg.final_eval_per_type, cfg.image_size)
+        log.info("engine eval (%d per type, %.0f s): %s", cfg.final_eval_per_type, time.perf_counter() - t0,
+                 " ".join(f"{k} {v['accuracy']:.3f}" for k, v in engine_eval.items()))
+    if not args.keep_checkpoints and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    summary = write_summary(args.out, cfg, state, engine_eval)
+    log.info("wrote %s (%d bytes, %d steps, %.0f s)", args.out, summary["dir_size_bytes"], state.step, state.elapsed_s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
