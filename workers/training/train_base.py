@@ -595,7 +595,15 @@ def _evaluate(cfg, state, model, heads, encoder, heldout, start_time) -> None:
 
 def train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool = False) -> RunState:
     """Train (or continue) to `cfg.steps`, export the model to `out`, return the final state."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, out, checkpoint_dir, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> RunState:
     processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
     encoder = BatchEncoder(processor)
     model = build_tiny_model(cfg.spec, seed=cfg.seed).to(cfg.device)
