@@ -72,7 +72,8 @@ def test_evaluate_command_end_to_end(tmp_path, tiny_model):
     for entry in summary["settings"].values():
         assert {"accuracy", "relative_accuracy", "keep_ratio", "by_qtype", "by_objects"} <= set(entry)
     assert summary["settings"]["unpruned"]["keep_ratio"] == 1.0
-    assert set(summary["predicted_mask_vs_boxes"]) == {"precision", "recall", "iou"}
+    assert set(summary["predicted_mask_vs_boxes"]["all"]) == {"precision", "recall", "iou"}
+    assert set(summary["predicted_mask_vs_boxes"]) == {"all", *summary["settings"]["glimpse"]["by_qtype"]}
     for row in rows:
         assert row["oracle"]["keep_ratio"] == pytest.approx(row["box_ratio"])
         assert row["oracle"]["mask"]["fp"] == row["oracle"]["mask"]["fn"] == 0

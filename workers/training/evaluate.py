@@ -236,18 +236,20 @@ def summarise(records: Sequence[dict]) -> dict:
     for name in SETTINGS:
         def stats(rs, key=None):
             acc = _mean(r[name]["correct"] for r in rs)
-            return {"n": len(rs), "accuracy": acc, "relative_accuracy": _ratio(acc, base.get(key)) if key else None,
-                    "keep_ratio": _mean(r[name]["keep_ratio"] for r in rs)}
+            out = {"n": len(rs), "accuracy": acc, "relative_accuracy": _ratio(acc, base.get(key)) if key else None,
+                   "keep_ratio": _mean(r[name]["keep_ratio"] for r in rs)}
+            if name in PRUNED:
+                out["keep_mask_vs_boxes"] = prf(_sum(r[name]["mask"] for r in rs))
+            return out
 
         entry = stats(records, "all")
         entry["by_qtype"] = {q: stats(rs, q) for q, rs in by_qtype.items()}
         entry["by_objects"] = {str(n): stats(rs) for n, rs in sorted(by_objects.items())}
         caps = [r for r in records if r["qtype"] == "captioning"]
         entry["caption_object_f1"] = _mean(r[name]["object_f1"] for r in caps)
-        if name in PRUNED:
-            entry["keep_mask_vs_boxes"] = prf(_sum(r[name]["mask"] for r in records))
         out["settings"][name] = entry
-    out["predicted_mask_vs_boxes"] = prf(_sum(r["glimpse"]["predicted_mask"] for r in records))
+    out["predicted_mask_vs_boxes"] = {"all": prf(_sum(r["glimpse"]["predicted_mask"] for r in records)),
+                                      **{q: prf(_sum(r["glimpse"]["predicted_mask"] for r in rs)) for q, rs in by_qtype.items()}}
     out["box_ratio"] = {"all": _mean(r["box_ratio"] for r in records),
                         "by_qtype": {q: _mean(r["box_ratio"] for r in rs) for q, rs in by_qtype.items()},
                         "by_objects": {str(n): _mean(r["box_ratio"] for r in rs) for n, rs in sorted(by_objects.items())}}
@@ -267,6 +269,12 @@ def _fmt(x, pct=False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _prf_text(scores: dict, short: bool = False) -> str:
+    if short:
+        return " / ".join(_fmt(scores[k]) for k in ("precision", "recall", "iou"))
+    return f"precision {_fmt(scores['precision'])}, recall {_fmt(scores['recall'])}, IoU {_fmt(scores['iou'])}"
+
+
 def render_markdown(summary: dict, header: str = "") -> str:
     s, qtypes = summary["settings"], list(summary["settings"]["unpruned"]["by_qtype"])
     lines = [header, f"Held-out synthetic rows: {summary['rows']}.", "",
@@ -277,18 +285,19 @@ def render_markdown(summary: dict, header: str = "") -> str:
         e = s[name]
         per_q = [f"{_fmt(e['by_qtype'][q]['accuracy'], True)} ({_fmt(e['by_qtype'][q]['relative_accuracy'], True)})" for q in qtypes]
         mask = e.get("keep_mask_vs_boxes")
-        mask_txt = " / ".join(_fmt(mask[k]) for k in ("precision", "recall", "iou")) if mask else "-"
+        mask_txt = _prf_text(mask, short=True) if mask else "-"
         lines.append(f"| {name} | {_fmt(e['accuracy'], True)} | {_fmt(e['relative_accuracy'], True)} | "
                      f"{_fmt(e['keep_ratio'], True)} | " + " | ".join(per_q)
                      + f" | {_fmt(e['caption_object_f1'])} | {mask_txt} |")
     pm = summary["predicted_mask_vs_boxes"]
-    lines += ["", f"Predicted mask (sigmoid > 0.5) vs box mask: precision {_fmt(pm['precision'])}, "
-              f"recall {_fmt(pm['recall'])}, IoU {_fmt(pm['iou'])}.", "",
-              "Mean keep ratio by question type:", "",
-              "| question type | n | box mask | " + " | ".join(PRUNED) + " |", "|---" * (3 + len(PRUNED)) + "|"]
+    lines += ["", f"Predicted mask (sigmoid > 0.5) vs box mask: {_prf_text(pm['all'])}.", "",
+              "Mean keep ratio by question type (predicted mask P / R / IoU in the last column):", "",
+              "| question type | n | box mask | " + " | ".join(PRUNED) + " | predicted mask P / R / IoU |",
+              "|---" * (4 + len(PRUNED)) + "|"]
     for q in qtypes:
         lines.append(f"| {q} | {s['unpruned']['by_qtype'][q]['n']} | {_fmt(summary['box_ratio']['by_qtype'][q], True)} | "
-                     + " | ".join(_fmt(s[n]['by_qtype'][q]['keep_ratio'], True) for n in PRUNED) + " |")
+                     + " | ".join(_fmt(s[n]['by_qtype'][q]['keep_ratio'], True) for n in PRUNED)
+                     + f" | {_prf_text(pm[q], short=True)} |")
     lines += ["", "By object count (keep ratio; accuracy unpruned -> glimpse):", "",
               "| objects | n | box mask | " + " | ".join(PRUNED) + " | acc unpruned | acc glimpse |",
               "|---" * (5 + len(PRUNED)) + "|"]
