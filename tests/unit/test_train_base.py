@@ -135,3 +135,113 @@ def test_shipped_model_answers_easy_heldout_questions():
     answers = [(s.question, s.answer, r.text.strip()) for s, r in zip(rows, results)]
     assert sum(want == got for _, want, got in answers) >= 8, answers
     assert sum(f.stat().st_size for f in SHIPPED.iterdir() if f.is_file()) <= 20 * 2**20
+
+
+def test_init_from_continues_a_saved_model(tmp_path):
+    assert _run(tmp_path / "first") == 0
+    first = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "first" / "model").state_dict()
+    # A second run on fresh scenes (another seed), starting from the first run's weights; a negligible
+    # learning rate leaves them where they were, while the same run without --init-from does not.
+    extra = ("--seed", "3", "--steps", "2", "--vision-warmup-steps", "0", "--start-max-objects", "12",
+             "--lr", "1e-12", "--question-mix", "attribute=0.5,existence=0.5")
+    assert _run(tmp_path / "cont", *extra, "--init-from", str(tmp_path / "first" / "model")) == 0
+    assert _run(tmp_path / "scratch", *extra) == 0
+    cont = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "cont" / "model").state_dict()
+    scratch = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "scratch" / "model").state_dict()
+    for name, value in first.items():
+        torch.testing.assert_close(cont[name], value, atol=1e-6, rtol=0, msg=name)
+    assert any(not torch.allclose(scratch[n], v) for n, v in first.items())
+    summary = json.loads((tmp_path / "cont" / "model" / train_base.SUMMARY_FILE).read_text())
+    assert summary["config"]["init_from"].endswith("model")
+    assert summary["config"]["question_mix"] == [["attribute", 0.5], ["existence", 0.5]]
+
+
+def test_question_mix_argument_rejects_unknown_types():
+    with pytest.raises(SystemExit):
+        train_base._parse_args(["--out", "x", "--question-mix", "colour=1.0"])
+
+
+def test_lookup_loss_reads_the_models_own_attention():
+    """The supervised share equals the share the stock eager attention gives the boxes at the answer slot."""
+    cfg = _tiny_cfg(questions_per_image=1, batch_size=4)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    batch = BatchEncoder(processor).encode(train_base.training_samples(cfg, step=5, max_objects=4))
+    model = build_tiny_model(cfg.spec, seed=0).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # sharper attention than at init, so a wrong position or head shows
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    image_id = model.config.image_token_id
+    prompt = batch.attention_mask * (batch.labels == IGNORE_INDEX)  # the prompts only (left padded, answer cut)
+    keep = prompt.bool()
+    width = int(keep.sum(1).max())
+    ids = torch.stack([torch.cat([torch.full((width - int(k.sum()),), 0), r[k]]) for r, k in zip(batch.input_ids, keep)])
+    mask = torch.stack([torch.cat([torch.zeros(width - int(k.sum()), dtype=torch.long), torch.ones(int(k.sum()), dtype=torch.long)]) for k in keep])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                    mm_token_type_ids=(ids == image_id).int(), output_attentions=True)
+        is_image = ids == image_id
+        for layer in (0, 1):
+            probs = out.attentions[layer][:, :2, -1]  # [B, 2 heads, L] at the last prompt position
+            shares = []
+            for b in range(len(ids)):
+                cells = batch.box_cells[b, :int(is_image[b].sum())]
+                if cells.any():
+                    vis = probs[b][:, is_image[b]]
+                    shares.append(vis[:, cells].sum(-1) / vis.sum(-1))
+            want = torch.cat(shares).mean()
+            # Same rows with the answer appended: the loss reads position "first answer token - 1".
+            types = (batch.input_ids == image_id).int()
+            positions, _ = model.model.get_rope_index(batch.input_ids, mm_token_type_ids=types,
+                                                      image_grid_thw=batch.image_grid_thw, attention_mask=batch.attention_mask)
+            full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                         image_grid_thw=batch.image_grid_thw, mm_token_type_ids=types, output_hidden_states=True)
+            loss, share = train_base.lookup_losses(model, full.hidden_states[layer], positions, batch, layer, 2)
+            assert share == pytest.approx(float(want), abs=1e-5)
+            assert float(loss) > 0
+
+
+def test_pruned_training_forward_equals_the_engine_with_the_same_keep_masks():
+    """`run_pruned` (training) must see exactly what the engine sees when the same visual tokens are
+    pruned at layer K: greedy tokens the engine decodes are the argmax of the training forward run on
+    prompt + those tokens, at every step, and the first step's logits agree."""
+    from engine_helpers import random_modules
+
+    from workers.modeling.keep_rule import KeepRule
+    from workers.training.evaluate import keep_mask_rows
+
+    cfg = _tiny_cfg()
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    model = build_tiny_model(cfg.spec, seed=0).eval()
+    modules = random_modules(model, seed=1)
+    engine = GlimpseEngine(model, processor, modules, KeepRule(0.5))
+    samples = train_base.training_samples(cfg, step=2, max_objects=4)[:3]
+    inputs = engine.build_inputs([GenerationRequest(images=(s.image,), prompt=s.question) for s in samples])
+    gen = torch.Generator().manual_seed(0)
+    keep = [torch.rand(16, generator=gen) < 0.4 for _ in samples]
+    results = engine.generate_from_rows(keep_mask_rows(engine.core, inputs, keep), SamplingParams(max_new_tokens=6))
+    steps = min(len(r.token_ids) for r in results)
+    assert steps >= 3
+    answer = torch.tensor([r.token_ids[:steps] for r in results])
+    ids = torch.cat([inputs.input_ids, answer], dim=1)
+    pad = torch.cat([inputs.attention_mask, torch.ones_like(answer)], dim=1)
+    is_image = ids == model.config.image_token_id
+    with torch.no_grad():
+        feats = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True).pooler_output
+        embeds = model.model.get_input_embeddings()(ids).masked_scatter(is_image.unsqueeze(-1), torch.cat(feats))
+        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=is_image.int(),
+                                                  image_grid_thw=inputs.image_grid_thw, attention_mask=pad)
+        drop = torch.zeros_like(is_image)
+        drop[is_image] = ~torch.cat(keep)
+        answer_rows = torch.zeros_like(is_image)
+        answer_rows[:, inputs.input_ids.shape[1]:] = True
+        hidden, _ = train_base.run_pruned(model, embeds, pad, positions, drop, answer_rows, modules.config.reduce_layer)
+        logits = model.lm_head(hidden)  # [B, L, V]
+    first = inputs.input_ids.shape[1] - 1  # predicts the first answer token
+    predicted = logits[:, first:first + steps].argmax(-1)
+    assert torch.equal(predicted, answer)
+    state = engine.core.finish_prefill(keep_mask_rows(engine.core, inputs, keep))
+    torch.testing.assert_close(logits[:, first].float(), state.logits, atol=1e-4, rtol=1e-4)
+    # Without pruning the same forward gives other answers: the masks matter.
+    hidden_all, _ = train_base.run_pruned(model, embeds, pad, positions, torch.zeros_like(drop), answer_rows, 2)
+    assert not torch.allclose(model.lm_head(hidden_all)[:, first], logits[:, first], atol=1e-3)

@@ -41,6 +41,7 @@ from pipeline.synthetic import (
     SceneObject,
     WorldConfig,
     ask_question,
+    box_token_mask,
     dense_cell_labels,
     make_sample,
 )
@@ -71,6 +72,9 @@ class TrainBatch:
     word_count: torch.Tensor  # [K] how many objects have that shape (colour), clamped to MAX_COUNT
     qtypes: tuple[str, ...]
     answers: tuple[str, ...]
+    # [B, G] bool: each row's relevant boxes on its image's merged-token grid, raster order (the order
+    # of its image tokens); rows of smaller images are padded with False. Empty for "no object" rows.
+    box_cells: torch.Tensor | None = None
 
     def to(self, device) -> "TrainBatch":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -201,7 +205,18 @@ class BatchEncoder:
             pixel_values=pixel_values, image_grid_thw=grid, image_index=torch.tensor(image_index),
             cell_shape=shapes, cell_colour=colours, **words,
             qtypes=tuple(s.qtype for s in samples), answers=tuple(s.answer for s in samples),
+            box_cells=self._box_cells(samples, grid, image_index),
         )
+
+    def _box_cells(self, samples, grid, image_index) -> torch.Tensor:
+        masks = []
+        for sample, j in zip(samples, image_index):
+            _, gh, gw = grid[j].tolist()
+            masks.append(torch.from_numpy(box_token_mask(sample.boxes, gh // self.merge, gw // self.merge)).flatten())
+        out = torch.zeros((len(masks), max(m.numel() for m in masks)), dtype=torch.bool)
+        for i, m in enumerate(masks):
+            out[i, :m.numel()] = m
+        return out
 
     def _word_targets(self, samples, grid, image_index, pads) -> dict[str, torch.Tensor]:
         pos, kind, multi, count = [], [], [], []

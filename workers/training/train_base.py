@@ -136,6 +136,13 @@ class TrainConfig:
     data_workers: int = 1  # processes drawing and encoding batches ahead (0 = in the main one)
     threads: int = 2  # torch intra-op threads
     device: str = "cpu"  # "cuda" for quick recipe checks; the shipped model is trained on CPU
+    attn_loss_weight: float = 0.0  # lookup supervision at the answer slot (see `lookup_losses`); 0 = off
+    attn_layer: int = 2  # 0-based decoder layer whose attention is supervised (the glimpse's layer K)
+    attn_heads: int = 2  # heads 0..attn_heads-1 of that layer are supervised
+    prune_rows: float = 0.0  # share of rows trained with visual tokens pruned at prune_layer (see `pruned_masks`)
+    prune_layer: int = 2  # 0-based K: pruned tokens leave after layer K, as in the engine
+    prune_extra_max: float = 0.25  # besides the box tokens, keep a random U(0, this) share of the others
+    init_from: str = ""  # a saved model dir (e.g. the shipped one) to continue from: its weights replace the init
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -295,6 +302,7 @@ class StepOutput:
     correct: torch.Tensor | None  # [B] bool: every answer token (and <|im_end|>) is the argmax
     word_loss: float = float("nan")
     word_acc: float = float("nan")  # question words whose multi-label target is predicted exactly
+    attn_mass: float = float("nan")  # supervised heads' attention share on the relevant boxes (lookup loss)
 
 
 def cell_losses(heads: AuxHeads, tokens: torch.Tensor, batch: TrainBatch,
@@ -338,15 +346,118 @@ def word_losses(heads: AuxHeads, hidden: torch.Tensor, batch: TrainBatch) -> tup
     return loss, float(exact)
 
 
+def box_positions(batch: TrainBatch, is_image: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions of each row's relevant-box tokens (`batch.box_cells` placed on its
+    image tokens, which are in the same raster order)."""
+    box = torch.zeros_like(is_image)
+    counts = is_image.sum(dim=1)
+    cells = batch.box_cells.to(is_image.device)
+    box[is_image] = torch.cat([cells[i, :int(n)] for i, n in enumerate(counts)])
+    return box
+
+
+def pruned_masks(batch: TrainBatch, is_image: torch.Tensor, rows: torch.Tensor, extra_max: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """[B, L] bool, True at the visual tokens to drop (only in `rows`, [B] bool).
+
+    Kept: the row's box tokens plus a random U(0, extra_max) share of its other visual tokens, at least
+    one token. GlimpsePrune+ (reference section 6.2, stage A) adapts the LLM to box-pruned inputs; the
+    random extra tokens stand in for the VIP's imprecision, so the model also copes with extra context.
+    """
+    box = box_positions(batch, is_image)
+    drop = torch.zeros_like(is_image)
+    for b in rows.nonzero()[:, 0].tolist():
+        visual = is_image[b].nonzero()[:, 0]
+        keep = box[b, visual].clone()
+        share = float(torch.rand((), generator=generator)) * extra_max
+        keep |= torch.rand(len(visual), generator=generator) < share
+        if not bool(keep.any()):
+            keep[int(torch.randint(len(visual), (), generator=generator))] = True
+        drop[b, visual[~keep]] = True
+    return drop
+
+
+def run_pruned(model, embeds, pad_mask, positions, drop: torch.Tensor, answer_rows: torch.Tensor,
+               prune_layer: int) -> tuple[torch.Tensor, list]:
+    """The decoder stack as the engine runs it when the `drop` tokens are pruned at `prune_layer`.
+
+    Prompt tokens see every token in layers 0..K and only the kept ones after; answer tokens (the
+    engine's decode steps, `answer_rows` [B, L] bool) see only the kept ones in every layer, because the
+    engine also removes pruned tokens from the KV cache of layers 0..K. Masking keys is exact here:
+    nothing reads a dropped token's output in a layer where it is masked. Returns the final normed
+    hidden states and each layer's input (like `output_hidden_states`, without the final state).
+    """
+    from workers.modeling import compat
+
+    lm = model.model.language_model
+    base = compat.attention_mask(pad_mask, embeds.shape[1], "sdpa", embeds.dtype)  # [B, 1, L, L] bool
+    diagonal = torch.eye(embeds.shape[1], dtype=torch.bool, device=embeds.device)[None, None]
+    low = base & ~(answer_rows[:, None, :, None] & drop[:, None, None, :]) | diagonal
+    high = base & ~drop[:, None, None, :] | diagonal
+    rope = lm.rotary_emb(embeds, positions)
+    hidden, inputs = embeds, []
+    for i, layer in enumerate(lm.layers):
+        inputs.append(hidden)
+        hidden = compat.run_decoder_layer(layer, hidden, low if i <= prune_layer else high, rope, None)
+    return lm.norm(hidden), inputs
+
+
+def lookup_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch: TrainBatch, layer_idx: int,
+                  n_heads: int) -> tuple[torch.Tensor, float]:
+    """Attention supervision at the answer slot: -log(attention share on the relevant boxes).
+
+    The query is the last prompt position (the one predicting the first answer token, where a glimpse
+    is inserted at training time and appended at inference), at decoder layer `layer_idx` (the
+    glimpse's layer K), heads 0..n_heads-1; the softmax runs over the row's visual tokens only, the
+    target is the row's relevant boxes (`batch.box_cells`; rows without any are skipped).
+
+    Why: the small model learnt to look objects up at the question's shape/colour words (a layer-0 head
+    there puts ~0.8 of its visual attention on the asked object) and hardly at the answer slot
+    (0.1-0.2 on a 0.09 box share). A glimpse token sits at the answer slot, and its attention at layer
+    K is all the VIP learns the question from, so on this base the VIP could only find "objects", not
+    the asked one. Supervising the answer slot's lookup gives the glimpse a question-conditioned
+    attention pattern to build on, as a large pretrained LLM has by itself.
+
+    Returns the mean loss and the mean share (a diagnostic).
+    """
+    from workers.modeling.qwen2_5_vl import _rotate_half
+
+    lm = model.model.language_model
+    layer = lm.layers[layer_idx]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden_in)  # [B, L, D]
+    cos, sin = lm.rotary_emb(x, positions)  # [B, L, hd] each
+    rows = torch.arange(x.shape[0], device=x.device)
+    slot = (batch.labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # [B] last prompt position
+    q = attn.q_proj(x[rows, slot]).view(x.shape[0], -1, attn.head_dim)[:, :n_heads]  # [B, h, hd]
+    q = q * cos[rows, slot].unsqueeze(1) + _rotate_half(q) * sin[rows, slot].unsqueeze(1)
+    k = attn.k_proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim).transpose(1, 2)  # [B, kvh, L, hd]
+    k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+    groups = attn.config.num_attention_heads // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)[:, :n_heads]  # [B, h, L, hd]
+    logits = (q.unsqueeze(2) @ k.transpose(-1, -2)).squeeze(2) / attn.head_dim**0.5  # [B, h, L]
+    is_image = batch.input_ids == model.config.image_token_id  # [B, L]
+    box = box_positions(batch, is_image)
+    logp = torch.log_softmax(logits.masked_fill(~is_image.unsqueeze(1), float("-inf")), dim=-1)
+    on_box = torch.logsumexp(logp.masked_fill(~box.unsqueeze(1), float("-inf")), dim=-1)  # [B, h]
+    valid = box.any(dim=1)
+    if not bool(valid.any()):
+        return logits.new_zeros(()), float("nan")
+    on_box = on_box[valid]
+    return -on_box.mean(), float(on_box.detach().exp().mean())
+
+
 def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, heads: AuxHeads | None = None,
-                  word_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                  word_layer: int = 2, attn: tuple[int, int] | None = None,
+                  prune: tuple[torch.Tensor, int] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, tuple | None]:
     """The language model on prompt + answer, run as in the engine's prefill: token embeddings with
     the image tokens' rows replaced by the vision tower's merged tokens (each row gets its image's,
     `image_index`), stock M-RoPE positions from `get_rope_index`, the stock decoder stack.
 
     Returns the answer loss (mean over rows of the mean over each row's answer tokens), [B] bool
-    "every answer token is the argmax", and (with `heads`) the word loss and accuracy at decoder
-    layer `word_layer`.
+    "every answer token is the argmax", (with `heads`) the word loss and accuracy at decoder
+    layer `word_layer`, and (with `attn` = (layer, heads)) `lookup_losses`' (loss, share), else None.
     """
     inner = model.model
     is_image = batch.input_ids == model.config.image_token_id  # [B, L]
@@ -356,12 +467,19 @@ def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, h
     positions, _ = inner.get_rope_index(
         batch.input_ids, mm_token_type_ids=is_image.int(), image_grid_thw=batch.image_grid_thw[batch.image_index],
         attention_mask=batch.attention_mask)  # [3, B, L]
-    out = inner.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-                               use_cache=False, output_hidden_states=heads is not None)
-    hidden = out.last_hidden_state  # [B, L, D]
+    if prune is not None and bool(prune[0].any()):
+        answer_rows = torch.cumsum((batch.labels != IGNORE_INDEX).int(), dim=1) > 0  # [B, L]
+        hidden, layer_inputs = run_pruned(model, embeds, batch.attention_mask, positions, prune[0], answer_rows, prune[1])
+    else:
+        out = inner.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
+                                   use_cache=False, output_hidden_states=heads is not None or attn is not None)
+        hidden, layer_inputs = out.last_hidden_state, out.hidden_states  # [B, L, D]; [l] = input of layer l
     word_loss, word_acc = hidden.new_zeros(()), float("nan")
     if heads is not None:
-        word_loss, word_acc = word_losses(heads, out.hidden_states[word_layer], batch)
+        word_loss, word_acc = word_losses(heads, layer_inputs[word_layer], batch)
+    lookup = None
+    if attn is not None:
+        lookup = lookup_losses(model, layer_inputs[attn[0]], positions, batch, *attn)
     targets = batch.labels[:, 1:]  # position t predicts token t + 1
     scored = targets != IGNORE_INDEX  # [B, L-1]
     logits = model.lm_head(hidden[:, :-1][scored])  # [T, V]
@@ -372,11 +490,11 @@ def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, h
     zeros = per_token.new_zeros(len(counts))
     loss = (zeros.index_add(0, rows, per_token) / counts).mean()
     wrong = zeros.index_add(0, rows, (logits.argmax(-1) != wanted).float())
-    return loss, wrong == 0, word_loss, word_acc
+    return loss, wrong == 0, word_loss, word_acc, lookup
 
 
 def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
-                  with_lm: bool = True, train_vision: bool = True) -> StepOutput:
+                  with_lm: bool = True, train_vision: bool = True, generator: torch.Generator | None = None) -> StepOutput:
     """Vision tower -> cell heads (and, with_lm, the language model -> answer loss).
 
     train_vision=False runs the vision tower and heads without gradients (their loss is reported
@@ -390,10 +508,22 @@ def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
     if not with_lm:
         return StepOutput(loss, float("nan"), float(cell_loss.detach()), shape_acc, colour_acc, None)
     word_heads = heads if cfg.word_loss_weight > 0 else None
-    lm_loss, correct, word_loss, word_acc = answer_losses(model, per_image, batch, word_heads, cfg.word_layer)
+    lookup_at = (cfg.attn_layer, cfg.attn_heads) if cfg.attn_loss_weight > 0 else None
+    prune = None
+    if cfg.prune_rows > 0 and generator is not None:  # training only; evaluation never prunes
+        is_image = batch.input_ids == model.config.image_token_id
+        rows = torch.rand(len(batch.input_ids), generator=generator) < cfg.prune_rows
+        drop = pruned_masks(batch, is_image.cpu(), rows, cfg.prune_extra_max, generator).to(is_image.device)
+        prune = (drop, cfg.prune_layer)
+    lm_loss, correct, word_loss, word_acc, lookup = answer_losses(model, per_image, batch, word_heads,
+                                                                  cfg.word_layer, lookup_at, prune)
+    attn_mass = float("nan")
+    if lookup is not None:
+        loss = loss + cfg.attn_loss_weight * lookup[0]
+        attn_mass = lookup[1]
     return StepOutput(loss + lm_loss + cfg.word_loss_weight * word_loss, float(lm_loss.detach()),
                       float(cell_loss.detach()), shape_acc, colour_acc, correct.cpu(),
-                      float(word_loss.detach()), word_acc)
+                      float(word_loss.detach()), word_acc, attn_mass)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -423,7 +553,8 @@ def train_step(model, heads, optimizer, batch: TrainBatch, cfg: TrainConfig, ste
         group["lr"] = lr_at(cfg, step)
     with_lm = step >= cfg.vision_warmup_steps
     train_vision = not (with_lm and cfg.freeze_vision)
-    out = forward_batch(model, heads, batch, cfg, with_lm=with_lm, train_vision=train_vision)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # pruning draws: resumable
+    out = forward_batch(model, heads, batch, cfg, with_lm=with_lm, train_vision=train_vision, generator=generator)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), cfg.grad_clip)
@@ -531,6 +662,14 @@ def load_checkpoint(path: Path, model, heads, optimizer, cfg: TrainConfig) -> Ru
     return RunState(**payload["state"])
 
 
+def load_weights(model, directory: Path) -> None:
+    """Copy a saved model directory's weights (same preset) into `model`; every tensor must match."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32)
+    model.load_state_dict(saved.state_dict(), strict=True)
+
+
 def export_model(model, processor, out: Path) -> None:
     """The model directory: config, fp32 safetensors, generation config, tokenizer, processor."""
     out.mkdir(parents=True, exist_ok=True)
@@ -578,10 +717,11 @@ def _log_window(cfg: TrainConfig, state: RunState, lr: float, outs: Sequence[Ste
     answered = [o for o in outs if o.correct is not None]
     train_acc = mean([float(o.correct.float().mean()) for o in answered]) if answered else float("nan")
     log.info("step %d/%d lr %.2e lm %.4f cell %.4f shape %.3f colour %.3f word %.4f word_acc %.3f "
-             "train_acc %.3f cap %d %.2fs/step",
+             "box_attn %.3f train_acc %.3f cap %d %.2fs/step",
              state.step, cfg.steps, lr, mean([o.lm_loss for o in outs]), mean([o.cell_loss for o in outs]),
              mean([o.shape_acc for o in outs]), mean([o.colour_acc for o in outs]),
-             mean([o.word_loss for o in outs]), mean([o.word_acc for o in outs]), train_acc,
+             mean([o.word_loss for o in outs]), mean([o.word_acc for o in outs]),
+             mean([o.attn_mass for o in outs]), train_acc,
              _cap_for(cfg, state, state.step - 1), (time.perf_counter() - t0) / len(outs))
 
 
@@ -607,6 +747,9 @@ def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> R
     processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
     encoder = BatchEncoder(processor)
     model = build_tiny_model(cfg.spec, seed=cfg.seed).to(cfg.device)
+    if cfg.init_from and not (resume and (checkpoint_dir / CHECKPOINT_FILE).exists()):
+        load_weights(model, Path(cfg.init_from))
+        log.info("initialised the model from %s", cfg.init_from)
     heads = build_heads(cfg)
     optimizer = build_optimizer(model, heads, cfg)
     ckpt = checkpoint_dir / CHECKPOINT_FILE
@@ -677,6 +820,17 @@ def write_summary(out: Path, cfg: TrainConfig, state: RunState, engine_eval: dic
     return summary
 
 
+def _parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        mix = tuple((name.strip(), float(weight)) for name, weight in (part.split("=") for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected qtype=weight,...; got {text!r}") from None
+    unknown = [name for name, _ in mix if name not in QTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown question types {unknown}; known: {list(QTYPES)}")
+    return mix
+
+
 def _parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m workers.training.train_base", description=__doc__.split("\n\n")[0])
@@ -687,6 +841,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Names
     parser.add_argument("--skip-engine-eval", action="store_true")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "question_mix":
+            parser.add_argument("--question-mix", type=_parse_mix, default=defaults.question_mix,
+                                help="e.g. attribute=0.4,existence=0.4,counting=0.15,captioning=0.05")
             continue
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
@@ -694,7 +850,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Names
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default)
     args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "question_mix"}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**values), args
 
 
