@@ -57,6 +57,10 @@ def main() -> int:
     from pipeline.run import run_job
 
     job = load_job(REPO / "jobs" / "demo.yaml", overrides)
+    import ray.data
+
+    # A demo on a terminal-less CI log would otherwise print Ray Data's progress as many INFO lines a second.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     summary = run_job(job)
     show_rows(REPO / "out" / "demo" / "output")
     print_summary(summary)
