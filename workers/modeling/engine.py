@@ -163,8 +163,7 @@ class GlimpseEngine:
     def _to_device(self, inputs) -> ModelInputs:
         if isinstance(inputs, dict):
             inputs = ModelInputs(**{k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
-        move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        return ModelInputs(move(inputs.input_ids), move(inputs.attention_mask), move(inputs.pixel_values), move(inputs.image_grid_thw))
+        return inputs.to(self.device)
 
 
 def _eos_ids(model: nn.Module, processor) -> list[int]:

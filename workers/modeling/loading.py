@@ -111,6 +111,13 @@ def _download_hub(repo_id: str) -> Path:
         raise ModelLoadError(f"{repo_id}: cannot fetch from the model hub ({type(exc).__name__})") from None
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA when present, else CPU; anything else as torch spells it ("cpu", "cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """'auto' is bf16 on GPU and fp32 on CPU."""
     if dtype == "auto":
@@ -213,7 +220,7 @@ def load_engine(
     """Build a `GlimpseEngine` from locations. A GlimpsePrune+ modules dir also merges its LoRA."""
     from .engine import GlimpseEngine
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     model, processor = load_base(resolve_dir(base, storage_options), torch_dtype, pick_attention(attn_implementation, dev), dev)
     modules = None

@@ -50,6 +50,10 @@ class ModelInputs:
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
 
+    def to(self, device) -> "ModelInputs":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.pixel_values), move(self.image_grid_thw))
+
 
 @dataclass(frozen=True)
 class GlimpsedRow:

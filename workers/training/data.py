@@ -81,6 +81,13 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
+def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
+    """Per sample, its relevant boxes on the merged-token grid of its image (grids[b] = (t, h, w)
+    patches): bool [h/merge * w/merge], raster order = the order of the image's tokens."""
+    return [torch.from_numpy(box_token_mask(s.boxes, gh // merge, gw // merge)).flatten()
+            for s, (_, gh, gw) in zip(samples, grids.tolist())]
+
+
 def scene_questions(world: WorldConfig, index: int, count: int) -> list[Sample]:
     """`count` questions about scene `index` of `world`, all holding the same image object.
 
@@ -178,11 +185,10 @@ class BatchEncoder:
         """The answer's tokens followed by <|im_end|>, the targets of the language-model loss."""
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_id]
 
-    def encode(self, samples: Sequence[Sample]) -> TrainBatch:
-        slot: dict[int, int] = {}  # id(image) -> index among the distinct images
-        image_index = [slot.setdefault(id(s.image), len(slot)) for s in samples]
-        firsts = list({id(s.image): s for s in samples}.values())  # one sample per image, in slot order
-        pixel_values, grid = image_patches([s.image for s in firsts], self.processor.image_processor)
+    def answer_rows(self, samples: Sequence[Sample], grid: torch.Tensor,
+                    image_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded [prompt, answer, <|im_end|>] rows: input_ids, attention_mask, labels [B, L]
+        (labels = IGNORE_INDEX outside the answer). Row b asks about image image_index[b] of `grid`."""
         rows, targets = [], []
         for sample, j in zip(samples, image_index):
             _, gh, gw = grid[j].tolist()
@@ -198,25 +204,24 @@ class BatchEncoder:
             input_ids[i, length - len(row):] = torch.tensor(row)
             attention_mask[i, length - len(row):] = 1
             labels[i, length - len(row):] = torch.tensor(target)
+        return input_ids, attention_mask, labels
+
+    def encode(self, samples: Sequence[Sample]) -> TrainBatch:
+        slot: dict[int, int] = {}  # id(image) -> index among the distinct images
+        image_index = [slot.setdefault(id(s.image), len(slot)) for s in samples]
+        firsts = list({id(s.image): s for s in samples}.values())  # one sample per image, in slot order
+        pixel_values, grid = image_patches([s.image for s in firsts], self.processor.image_processor)
+        input_ids, attention_mask, labels = self.answer_rows(samples, grid, image_index)
         shapes, colours = self._cells(firsts, grid)
-        words = self._word_targets(samples, grid, image_index, [length - len(row) for row in rows])
+        pads = (attention_mask == 0).sum(dim=1).tolist()
+        words = self._word_targets(samples, grid, image_index, pads)
         return TrainBatch(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             pixel_values=pixel_values, image_grid_thw=grid, image_index=torch.tensor(image_index),
             cell_shape=shapes, cell_colour=colours, **words,
             qtypes=tuple(s.qtype for s in samples), answers=tuple(s.answer for s in samples),
-            box_cells=self._box_cells(samples, grid, image_index),
+            box_cells=torch.nn.utils.rnn.pad_sequence(box_masks(samples, grid[image_index], self.merge), batch_first=True),
         )
-
-    def _box_cells(self, samples, grid, image_index) -> torch.Tensor:
-        masks = []
-        for sample, j in zip(samples, image_index):
-            _, gh, gw = grid[j].tolist()
-            masks.append(torch.from_numpy(box_token_mask(sample.boxes, gh // self.merge, gw // self.merge)).flatten())
-        out = torch.zeros((len(masks), max(m.numel() for m in masks)), dtype=torch.bool)
-        for i, m in enumerate(masks):
-            out[i, :m.numel()] = m
-        return out
 
     def _word_targets(self, samples, grid, image_index, pads) -> dict[str, torch.Tensor]:
         pos, kind, multi, count = [], [], [], []

@@ -32,12 +32,13 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache
 
-from pipeline.synthetic import QTYPES, Sample, WorldConfig, box_token_mask, make_sample
+from pipeline.synthetic import QTYPES, Sample, WorldConfig, make_sample
 from workers.modeling import compat
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.qwen2_5_vl import GlimpsedRow, ModelInputs, QwenGlimpseModel, _visual_tokens_per_sample
+from workers.training.data import box_masks
 
 log = logging.getLogger(__name__)
 SETTINGS = ("unpruned", "glimpse", "glimpse_cap", "oracle", "random")
@@ -147,11 +148,6 @@ def prf(counts: dict) -> dict:
 
 
 # ---- running --------------------------------------------------------------------------------------
-def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list:
-    return [torch.from_numpy(box_token_mask(s.boxes, gh // merge, gw // merge)).flatten()
-            for s, (_, gh, gw) in zip(samples, grids.tolist())]
-
-
 def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, cfg: EvalConfig) -> list:
     """All five settings on one batch; returns one record per sample."""
     gp = engines["glimpse"]
@@ -167,7 +163,7 @@ def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, c
     randoms = random_keep_masks([m.numel() for m in boxes], counts,
                                 [cfg.random_seed * 1_000_003 + first_index + i for i in range(len(samples))])
     for name, masks in (("oracle", boxes), ("random", randoms)):
-        rows = keep_mask_rows(gp.core, _to(inputs, gp.device), [m.to(gp.device) for m in masks])
+        rows = keep_mask_rows(gp.core, inputs.to(gp.device), [m.to(gp.device) for m in masks])
         results[name] = gp.generate_from_rows(rows, sampling, return_masks=True)
     return [record(s, boxes[i], {name: res[i] for name, res in results.items()}, cfg.threshold)
             for i, s in enumerate(samples)]
@@ -188,11 +184,6 @@ def record(sample: Sample, box: torch.Tensor, results: dict, threshold: float) -
             entry["predicted_mask"] = confusion(res.importance_logits.sigmoid() > threshold, box)
         out[name] = entry
     return out
-
-
-def _to(inputs: ModelInputs, device) -> ModelInputs:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return ModelInputs(move(inputs.input_ids), move(inputs.attention_mask), move(inputs.pixel_values), move(inputs.image_grid_thw))
 
 
 def build_engines(model, processor, modules, cfg: EvalConfig) -> dict:
@@ -333,21 +324,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from workers.modeling.glimpse import GlimpseModules
-    from workers.modeling.loading import load_base, pick_attention, pick_dtype, resolve_dir
+    from workers.modeling.loading import load_engine
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvalConfig(**{k: getattr(args, k) for k in asdict(EvalConfig())})
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = pick_dtype("auto", device)
-    model, processor = load_base(resolve_dir(args.base), dtype, pick_attention("auto", device), device)
-    modules = GlimpseModules.from_directory(resolve_dir(args.modules)).to(device=device, dtype=dtype)
+    loaded = load_engine(args.base, args.modules, device=args.device)  # also merges a GlimpsePrune+ LoRA
+    device = loaded.device
     t0 = time.perf_counter()
-    records = run_eval(model, processor, modules, cfg)
+    records = run_eval(loaded.model, loaded.processor, loaded.modules, cfg)
     summary = summarise(records)
     meta = {"base": str(args.base), "modules": str(args.modules), "config": asdict(cfg), "device": str(device),
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
-from pipeline.synthetic import WorldConfig, Sample, box_token_mask, make_sample
+from pipeline.synthetic import WorldConfig, Sample, make_sample
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
-from workers.training.data import IGNORE_INDEX, BatchEncoder, image_patches
+from workers.training.data import IGNORE_INDEX, BatchEncoder, box_masks, image_patches
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
@@ -191,31 +191,14 @@ class GlimpseBatch:
     qtypes: tuple = ()
 
     def to(self, device) -> "GlimpseBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        i = self.inputs
-        inputs = ModelInputs(move(i.input_ids), move(i.attention_mask), move(i.pixel_values), move(i.image_grid_thw))
-        return GlimpseBatch(inputs, move(self.labels), [move(m) for m in self.box_masks], self.qtypes)
+        return GlimpseBatch(self.inputs.to(device), self.labels.to(device), [m.to(device) for m in self.box_masks], self.qtypes)
 
 
 def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatch:
     """Encode samples with the base model's prompt format (`BatchEncoder`, = the engine's) plus box masks."""
     pixel_values, grid = image_patches([s.image for s in samples], encoder.processor.image_processor)
-    merge = encoder.merge
-    rows, targets, masks = [], [], []
-    for sample, (_, gh, gw) in zip(samples, grid.tolist()):
-        prompt = encoder.prompt_ids(sample.question, gh * gw // merge**2)
-        answer = encoder.answer_ids(sample.answer)
-        rows.append(prompt + answer)
-        targets.append([IGNORE_INDEX] * len(prompt) + answer)
-        masks.append(torch.from_numpy(box_token_mask(sample.boxes, gh // merge, gw // merge)).flatten())
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), encoder.pad_id, dtype=torch.long)
-    pad = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for b, (row, target) in enumerate(zip(rows, targets)):
-        ids[b, length - len(row):] = torch.tensor(row)
-        pad[b, length - len(row):] = 1
-        labels[b, length - len(row):] = torch.tensor(target)
+    ids, pad, labels = encoder.answer_rows(samples, grid, range(len(samples)))
+    masks = box_masks(samples, grid, encoder.merge)
     return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples))
 
 
@@ -524,14 +507,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from workers.modeling.loading import load_base, pick_attention, pick_dtype, resolve_dir
+    from workers.modeling.loading import load_base, pick_attention, pick_device, pick_dtype, resolve_dir
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     model, processor = load_base(resolve_dir(args.base), pick_dtype("auto", device), pick_attention(args.attn, device), device)
     if args.max_pixels:
         processor.image_processor.size = {**processor.image_processor.size, "longest_edge": args.max_pixels}
