@@ -1,11 +1,14 @@
-"""Helpers shared by the engine tests of every tier: random glimpse modules, patterned images."""
+"""Helpers shared by the tests of every tier: random glimpse modules, patterned images, bench loading."""
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
-from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
 
 
 def tiny_glimpse_config(model, **overrides) -> GlimpseConfig:
@@ -41,3 +44,16 @@ def patterned_image(width: int, height: int, seed: int) -> Image.Image:
     gen = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels, "RGB")
+
+
+def load_bench(name: str):
+    """Import bench/<name>.py (not a package) as module `name`; a generator for fixtures (unloads after)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_helpers import random_modules
 from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
@@ -21,3 +22,13 @@ def tiny_processor():
 @pytest.fixture(scope="session")
 def tiny_modules(tiny_model):
     return random_modules(tiny_model, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two shared cores: under load, two OpenMP threads per process spin and run tiny models 10-60x
+    slower than one thread. Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,14 +18,7 @@ from workers.training.evaluate import SETTINGS, caption_objects, keep_mask_rows,
 from engine_helpers import random_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: under load, two OpenMP threads per process spin and run these tiny models
-    10-30x slower than one thread. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scoring_helpers():

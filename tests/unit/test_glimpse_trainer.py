@@ -29,14 +29,7 @@ from engine_helpers import random_modules
 WORLD = WorldConfig(image_size=112, max_objects=4, seed=3)  # 4x4 merged tokens per image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: under load, two OpenMP threads per process spin and run these tiny models
-    10-30x slower than one thread. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

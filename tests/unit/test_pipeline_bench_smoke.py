@@ -6,28 +6,19 @@ row. Timings are reported by the benchmark, never asserted.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_PATH = Path(__file__).resolve().parents[2] / "bench" / "pipeline_bench.py"
+from engine_helpers import load_bench
+
 POLICIES = ("adaptive", "fixed")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("pipeline_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pipeline_bench"] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("pipeline_bench", None)
+    yield from load_bench("pipeline_bench")
 
 
 @pytest.fixture(scope="module")

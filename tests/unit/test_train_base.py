@@ -29,13 +29,7 @@ def _tiny_cfg(**overrides) -> TrainConfig:
     return TrainConfig(**{**TINY_RUN, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on a busy 2-core machine made each tiny step ~60x slower (3 s vs 0.05 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prompt_ids_and_pixels_match_the_processor():
