@@ -94,6 +94,13 @@ class StorageOptions(StrictModel):
         description="Extra keyword arguments for the fsspec filesystem (scalars only), e.g. "
         "{requester_pays: true}. Values under secret-looking keys are redacted from manifests.",
     )
+    retry_deadline_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="Seconds (0-3600) a storage call (listing, Parquet read/write, image read, marker) keeps "
+        "retrying transient errors (throttling, 5xx, connection resets, timeouts) with exponential backoff "
+        "before it fails as transient; 0 = one attempt (the SDK's own few retries still apply). Permanent "
+        "errors (not found, access denied, other 4xx) are never retried.",
+    )
 
     @field_validator("endpoint_url")
     @classmethod

@@ -79,15 +79,19 @@ def test_list_shards_by_prefix_glob_and_file(s3_server, bucket_with_shards):
         storage.list_shards(f"s3://{bucket}/nothing/*.parquet", store)
 
 
-def test_read_back_with_pyarrow_native_and_fsspec_wrapped(s3_server, bucket_with_shards):
+def test_read_back_through_the_one_fsspec_filesystem(s3_server, bucket_with_shards):
+    """pyarrow always gets the fsspec filesystem wrapped (never its native S3FileSystem, whose options
+    could diverge from the listing's), with or without `extra`, named or default-chain credentials."""
     bucket, shards = bucket_with_shards
     url = f"s3://{bucket}/in/part-0.parquet"
-    native = s3_server.storage()
-    wrapped = s3_server.storage(extra={"default_block_size": 1048576})  # extra -> fsspec wrapped in pyarrow
-    assert isinstance(storage.pyarrow_filesystem(url, native)[0], pafs.S3FileSystem)
-    assert isinstance(storage.pyarrow_filesystem(url, wrapped)[0], pafs.PyFileSystem)
-    for options in (native, wrapped, s3_server.storage(key_env=None, secret_env=None)):  # default chain too
+    plain = s3_server.storage()
+    with_extra = s3_server.storage(extra={"default_block_size": 1048576})
+    for options in (plain, with_extra, s3_server.storage(key_env=None, secret_env=None)):  # default chain too
+        fs, path = storage.pyarrow_filesystem(url, options)
+        assert isinstance(fs, pafs.PyFileSystem) and path == f"{bucket}/in/part-0.parquet"
+        assert fs.handler.fs is storage.fsspec_filesystem(url, options)[0]  # the same client
         assert storage.read_parquet(url, options).equals(shards["in/part-0.parquet"])
+        assert storage.read_parquet(url.replace("s3://", "s3a://"), options).equals(shards["in/part-0.parquet"])
 
 
 def test_missing_credential_variable_is_a_clear_error(s3_server):
