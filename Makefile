@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m workers.demo
+	$(BIN)/python -m pipeline.demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not gpu" tests

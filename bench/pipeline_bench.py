@@ -40,7 +40,7 @@ levels = the ViT's full-attention blocks). Pruning keeps tokens with sigmoid(imp
 keep ratios vary per row, but with random modules they are arbitrary (not what a trained VIP keeps).
 The LM-head rows of the stop tokens are zeroed (their logit is exactly 0, never the maximum of the
 other random logits), so every row generates max_new_tokens tokens in both policies.
-Data: synthetic world rows (`pipeline.synthetic`), half from a 224 px world and half from a 448 px
+Data: synthetic world rows (`workers.toyworld`), half from a 224 px world and half from a 448 px
 world (64 / 256 visual tokens), 1..12 objects, shuffled together, written as Parquet shards.
 
 Output: a table on stdout and JSON (default bench/results/pipeline_bench.json): config, environment,
@@ -148,7 +148,7 @@ def write_shards(directory: Path, cfg: BenchConfig, shards: int) -> None:
     """Rows from one world per image size, equally many of each, shuffled together, split into shards."""
     import pyarrow.parquet as pq
 
-    from pipeline.synthetic import WorldConfig, make_sample, samples_to_table
+    from workers.toyworld import WorldConfig, make_sample, samples_to_table
 
     worlds = [WorldConfig(image_size=s, max_objects=cfg.max_objects, seed=cfg.seed + k) for k, s in enumerate(cfg.image_sizes)]
     picks = [i % len(worlds) for i in range(cfg.rows)]  # an even mix, in random order

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.synthetic import WorldConfig, write_shards
+from workers.toyworld import WorldConfig, write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

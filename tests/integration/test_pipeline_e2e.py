@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.jobfile import load_job
 from pipeline.run import run_job
-from pipeline.synthetic import WorldConfig, write_shards
+from workers.toyworld import WorldConfig, write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

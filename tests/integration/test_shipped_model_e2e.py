@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.jobfile import load_job
 from pipeline.run import run_job
-from pipeline.synthetic import WorldConfig, generate_samples, write_shards
+from workers.toyworld import WorldConfig, generate_samples, write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.synthetic import WorldConfig, make_sample
+from workers.toyworld import WorldConfig, make_sample
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLConfig
 
-from pipeline.synthetic import WorldConfig, make_sample
+from workers.toyworld import WorldConfig, make_sample
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.glimpse import GlimpseModules

@@ -37,3 +37,13 @@ def test_malformed_job_fails_before_any_work_with_one_line(tmp_path):
     assert len(lines) == 1 and "bad.yaml: model.bsae: unknown key" in lines[0], result.stderr
     assert "Ray" not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_and_schemas_never_import_pipeline():
+    """The layers point one way: pipeline -> workers -> schemas (STYLE.md, rule 1)."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+pipeline\b", re.MULTILINE)
+    offenders = [str(p.relative_to(REPO)) for layer in ("workers", "schemas")
+                 for p in (REPO / layer).rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, f"import pipeline from a lower layer: {offenders}"

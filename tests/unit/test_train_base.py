@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from pipeline.synthetic import WorldConfig, generate_samples
+from workers.toyworld import WorldConfig, generate_samples
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.tiny import build_processor, build_tiny_model, load_processor

@@ -1,7 +1,7 @@
 """Synthetic samples -> the model's training inputs, labels and dense per-cell targets.
 
 Place in the project: `train_base` (and anything else that trains on the synthetic world) turns
-`pipeline.synthetic.Sample`s into a `TrainBatch` here. The prompt is exactly what the engine
+`workers.toyworld.Sample`s into a `TrainBatch` here. The prompt is exactly what the engine
 feeds the model at inference (`GlimpseEngine.build_inputs`): the chat template with the user
 content = [image, question text], `add_generation_prompt=True`, the default system prompt from the
 template, and left padding. The answer follows the prompt as plain tokens, then `<|im_end|>`.
@@ -16,7 +16,7 @@ Invariants:
   resize (sides multiples of patch * merge within [min_pixels, max_pixels], e.g. 224 px); other
   sizes go through the image processor itself. The fast path exists because the PIL processor
   costs ~11 ms per 224 px image on the project's CPUs, as much as drawing the sample.
-- `cell_shape` / `cell_colour` are `pipeline.synthetic.dense_cell_labels` on the merged-token grid,
+- `cell_shape` / `cell_colour` are `workers.toyworld.dense_cell_labels` on the merged-token grid,
   flattened row-major, which is the order of the vision tower's merged output tokens.
 - Rows whose samples hold the same image object share one entry of `pixel_values` (`image_index`
   maps row -> image): `scene_questions` asks several questions about one scene, so the vision tower
@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.synthetic import (
+from workers.toyworld import (
     COLOURS,
     SHAPES,
     Sample,

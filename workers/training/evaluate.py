@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache
 
-from pipeline.synthetic import QTYPES, Sample, WorldConfig, make_sample
+from workers.toyworld import QTYPES, Sample, WorldConfig, make_sample
 from workers.modeling import compat
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine

@@ -15,7 +15,7 @@ Training forward, per batch of [prompt, answer, <|im_end|>] rows (left padded):
          + le_weight * CE(answer tokens incl. <|im_end|>, glimpse in context),
     Dice and BCE per sample (over all of its visual tokens) then averaged over the batch; CE is the
     token mean over the batch. gt = the relevant boxes rasterised on the merged-token grid
-    (`pipeline.synthetic.box_token_mask`). Dice = 1 - (2 sum(p g) + eps) / (sum p + sum g + eps) with
+    (`workers.toyworld.box_token_mask`). Dice = 1 - (2 sum(p g) + eps) / (sum p + sum g + eps) with
     eps = 1 (`LossConfig.dice_eps`): an empty gt mask (a "no"/"0" question about absent objects) then
     gives 1 - 1 / (sum p + 1), which pushes every probability to 0 instead of being undefined; the keep
     rule's min_remain_num keeps one token at inference.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
-from pipeline.synthetic import WorldConfig, Sample, make_sample
+from workers.toyworld import WorldConfig, Sample, make_sample
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
@@ -132,7 +132,7 @@ def new_glimpse_config(model, selected_layers: Optional[Sequence[int]] = None, *
 
 # ---- data ------------------------------------------------------------------------------------
 class SyntheticSource:
-    """Rows 0..size-1 of the synthetic world (`pipeline.synthetic.make_sample`)."""
+    """Rows 0..size-1 of the synthetic world (`workers.toyworld.make_sample`)."""
 
     def __init__(self, world: WorldConfig, size: int):
         self.world, self.size = world, size
@@ -469,7 +469,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--base", required=True, help="base Qwen2.5-VL: local dir, URL or hub id (workers.modeling.loading.resolve_dir)")
     p.add_argument("--out", required=True, type=Path, help="output glimpse-modules dir (+ checkpoint/, train_log.jsonl)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", action="store_true", help="train on the synthetic world (pipeline.synthetic)")
+    src.add_argument("--synthetic", action="store_true", help="train on the synthetic world (workers.toyworld)")
     src.add_argument("--jsonl", type=Path, help="Visual-CoT style JSONL (question, answer, image, bboxs xyxy px)")
     p.add_argument("--image-root", type=Path, help="directory the JSONL image paths are relative to")
     world = p.add_argument_group("synthetic world")

@@ -13,7 +13,7 @@ The recipe, and why (two phases, one optimizer, one cosine schedule per phase):
   auxiliary supervision. A one-word answer is too weak a signal to teach a from-scratch vision tower
   shapes (a plain run plateaued at 42-46%: colours learnt, shapes at chance). Two linear heads
   (`AuxHeads`) read the vision tower's merged tokens, the very vectors the language model sees, and
-  learn the generator's layout (`pipeline.synthetic.dense_cell_labels`: shape and colour of the
+  learn the generator's layout (`workers.toyworld.dense_cell_labels`: shape and colour of the
   object under each 28 px cell centre): shape cross-entropy on object cells only (background is ~90%
   of cells and would swamp it), colour cross-entropy on all cells (background = objectness), and an
   MSE pulling each merged token towards a fixed random code of its cell's (shape, colour), so that
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.synthetic import COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples
+from workers.toyworld import COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples
 from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
 
 from .data import IGNORE_INDEX, MAX_COUNT, SHAPE_WORD, BatchEncoder, TrainBatch, scene_questions

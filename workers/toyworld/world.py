@@ -1,4 +1,4 @@
-"""Synthetic visual-question world: demo input, evaluation set and training data.
+"""Synthetic visual-question world (scenes, questions, token-grid labels): training, evaluation and demo data.
 
 The world
     A square RGB image (``image_size`` px, default 224) on a grey background that is plain,
@@ -35,28 +35,20 @@ Determinism
 
 Boxes are xyxy with exclusive ends (``x2 = last pixel + 1``), in pixels (``box_px``) and normalised
 by the image side (``box``, rounded to float32 so in-memory samples and Parquet rows give the same
-``box_token_mask``). ``SHARD_SCHEMA`` is the pipeline's input shard format: ``id``, ``image``,
-``question`` plus passthrough columns.
+``box_token_mask``). Parquet shards of these samples: ``workers.toyworld.shards``.
 
-Pure numpy + PIL + pyarrow: importing this module never imports torch or ray.
+Pure numpy + PIL: importing this module never imports torch or ray.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import logging
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
@@ -478,97 +470,3 @@ def dense_cell_labels(sample: Sample, grid_h: int, grid_w: int) -> tuple[np.ndar
     shape_lut = np.array([BACKGROUND_ID] + [SHAPES.index(o["shape"]) + 1 for o in objs])
     colour_lut = np.array([BACKGROUND_ID] + [COLOURS.index(o["colour"]) + 1 for o in objs])
     return shape_lut[at_centres], colour_lut[at_centres]
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet shards
-
-SHARD_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),  # PNG bytes
-    pa.field("question", pa.string(), nullable=False),
-    pa.field("answer", pa.string(), nullable=False),
-    pa.field("qtype", pa.string(), nullable=False),
-    pa.field("num_objects", pa.int32(), nullable=False),
-    # The relevant boxes, normalised xyxy.
-    pa.field("boxes", pa.list_(pa.list_(pa.float32())), nullable=False),
-    pa.field("objects", pa.string(), nullable=False),  # JSON list of SceneObject.to_dict()
-])
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def samples_to_table(samples: Iterable[Sample]) -> pa.Table:
-    rows = [{"id": s.id, "image": png_bytes(s.image), "question": s.question, "answer": s.answer,
-             "qtype": s.qtype, "num_objects": s.num_objects, "boxes": s.boxes,
-             "objects": json.dumps(s.objects)} for s in samples]
-    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-
-
-def _resolve_filesystem(out: str | os.PathLike,
-                        filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    out = os.fspath(out)
-    if filesystem is not None:
-        return filesystem, out
-    if "://" in out:
-        return pafs.FileSystem.from_uri(out)
-    return pafs.LocalFileSystem(), os.path.abspath(out)
-
-
-def write_shards(config: WorldConfig, n_rows: int, out: str | os.PathLike,
-                 rows_per_shard: int = 1000,
-                 filesystem: pafs.FileSystem | None = None) -> list[str]:
-    """Write rows 0..n_rows-1 as ``part-00000.parquet``, ... (``rows_per_shard`` each, the last
-    one shorter) under ``out``: a local directory (created), a URI such as ``s3://bucket/prefix``,
-    or a path on ``filesystem``. Returns the written paths on that filesystem."""
-    if n_rows < 0 or rows_per_shard < 1:
-        raise ValueError(f"need n_rows >= 0 and rows_per_shard >= 1, "
-                         f"got {n_rows}, {rows_per_shard}")
-    fs, root = _resolve_filesystem(out, filesystem)
-    fs.create_dir(root, recursive=True)
-    paths = []
-    for shard, start in enumerate(range(0, n_rows, rows_per_shard)):
-        count = min(rows_per_shard, n_rows - start)
-        path = f"{root.rstrip('/')}/part-{shard:05d}.parquet"
-        table = samples_to_table(generate_samples(config, count, start))
-        pq.write_table(table, path, filesystem=fs)
-        logger.info("wrote %s (%d rows from index %d)", path, count, start)
-        paths.append(path)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
-                                     description="Write synthetic visual-question Parquet shards.")
-    parser.add_argument("--out", required=True, help="directory or URI (s3://bucket/prefix)")
-    parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rows-per-shard", type=int, default=1000)
-    parser.add_argument("--min-objects", type=int, default=1)
-    parser.add_argument("--max-objects", type=int, default=12)
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    config = WorldConfig(image_size=args.image_size, min_objects=args.min_objects,
-                         max_objects=args.max_objects, seed=args.seed)
-    paths = write_shards(config, args.rows, args.out, rows_per_shard=args.rows_per_shard)
-    for path in paths:
-        print(path)
-    print(f"wrote {args.rows} rows in {len(paths)} shard(s): seed={config.seed}, "
-          f"image_size={config.image_size}, objects {config.min_objects}..{config.max_objects}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Invariants of the synthetic visual-question world (pipeline/synthetic.py)."""
+"""Invariants of the synthetic visual-question world (workers/toyworld)."""
 
 import dataclasses
 import io
@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import synthetic as syn
+from workers.toyworld import __main__ as cli
+from workers.toyworld import shards
+from workers.toyworld import world as syn
 
 MIXED = syn.WorldConfig(seed=7)
 PLURALS = {syn._plural(shape): shape for shape in syn.SHAPES}
@@ -39,17 +41,17 @@ def _box(obj):
 
 def test_same_seed_and_index_give_identical_samples():
     a, b = syn.make_sample(MIXED, 42), syn.make_sample(MIXED, 42)
-    assert syn.png_bytes(a.image) == syn.png_bytes(b.image)
+    assert shards.png_bytes(a.image) == shards.png_bytes(b.image)
     assert (a.id, a.question, a.answer, a.qtype, a.boxes, a.objects) == \
         (b.id, b.question, b.answer, b.qtype, b.boxes, b.objects)
     assert a.id == "synth-7-0000042"
 
 
 def test_different_index_or_seed_gives_different_samples():
-    base = syn.png_bytes(syn.make_sample(MIXED, 42).image)
-    assert syn.png_bytes(syn.make_sample(MIXED, 43).image) != base
+    base = shards.png_bytes(syn.make_sample(MIXED, 42).image)
+    assert shards.png_bytes(syn.make_sample(MIXED, 43).image) != base
     other_seed = dataclasses.replace(MIXED, seed=8)
-    assert syn.png_bytes(syn.make_sample(other_seed, 42).image) != base
+    assert shards.png_bytes(syn.make_sample(other_seed, 42).image) != base
 
 
 def test_sample_depends_only_on_seed_and_index():
@@ -104,7 +106,7 @@ def test_image_size_and_colour_at_box_centre(image_size):
     config = syn.WorldConfig(image_size=image_size, seed=1)
     shapes_seen = set()
     for sample in syn.generate_samples(config, 10):
-        decoded = Image.open(io.BytesIO(syn.png_bytes(sample.image)))
+        decoded = Image.open(io.BytesIO(shards.png_bytes(sample.image)))
         assert decoded.size == (image_size, image_size) and decoded.mode == "RGB"
         pixels = np.asarray(decoded)  # [S, S, 3]
         for obj in sample.objects:  # every shape here contains its box centre
@@ -259,13 +261,13 @@ def test_dense_cell_labels_match_pixels_at_cell_centres():
 def _read_shards(paths):
     tables = [pq.read_table(p) for p in paths]
     for table in tables:
-        assert table.schema.equals(syn.SHARD_SCHEMA)
+        assert table.schema.equals(shards.SHARD_SCHEMA)
     return tables
 
 
 def test_write_shards_local_path(tmp_path):
     config = syn.WorldConfig(seed=3)
-    paths = syn.write_shards(config, 25, tmp_path / "a" / "b", rows_per_shard=10)
+    paths = shards.write_shards(config, 25, tmp_path / "a" / "b", rows_per_shard=10)
     assert [p.rsplit("/", 1)[1] for p in paths] == [f"part-0000{i}.parquet" for i in range(3)]
     tables = _read_shards(paths)
     assert [t.num_rows for t in tables] == [10, 10, 5]
@@ -273,7 +275,7 @@ def test_write_shards_local_path(tmp_path):
     assert [r["id"] for r in rows] == [f"synth-3-{i:07d}" for i in range(25)]
     expected = syn.make_sample(config, 12)
     row = rows[12]
-    assert row["image"] == syn.png_bytes(expected.image)
+    assert row["image"] == shards.png_bytes(expected.image)
     assert (row["question"], row["answer"], row["qtype"]) == \
         (expected.question, expected.answer, expected.qtype)
     assert row["num_objects"] == expected.num_objects
@@ -284,7 +286,7 @@ def test_write_shards_local_path(tmp_path):
 
 def test_write_shards_on_a_given_filesystem(tmp_path):
     fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    paths = syn.write_shards(syn.WorldConfig(), 4, "shards", rows_per_shard=4, filesystem=fs)
+    paths = shards.write_shards(syn.WorldConfig(), 4, "shards", rows_per_shard=4, filesystem=fs)
     assert paths == ["shards/part-00000.parquet"]
     assert (tmp_path / "shards" / "part-00000.parquet").exists()
     assert pq.read_table(paths[0], filesystem=fs).num_rows == 4
@@ -292,7 +294,7 @@ def test_write_shards_on_a_given_filesystem(tmp_path):
 
 def test_cli_writes_shards(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert syn.main(["--out", str(out), "--rows", "5", "--seed", "2", "--image-size", "336",
+    assert cli.main(["--out", str(out), "--rows", "5", "--seed", "2", "--image-size", "336",
                      "--rows-per-shard", "2", "--min-objects", "2", "--max-objects", "4"]) == 0
     assert "wrote 5 rows in 3 shard(s)" in capsys.readouterr().out
     table = pq.read_table(out / "part-00002.parquet")
@@ -311,6 +313,6 @@ def test_config_validation():
 
 
 def test_import_pulls_in_neither_torch_nor_ray():
-    code = ("import sys, pipeline.synthetic; "
+    code = ("import sys, workers.toyworld, workers.toyworld.__main__; "
             "assert not {'torch', 'ray'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)

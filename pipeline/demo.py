@@ -19,7 +19,7 @@ SHIPPED_GLIMPSE = REPO / "models" / "small-qwen2_5_vl-glimpse"
 
 
 def sample_shards(rows: int = 32) -> None:
-    from pipeline.synthetic import WorldConfig, write_shards
+    from workers.toyworld import WorldConfig, write_shards
 
     if not list(INPUT.glob("*.parquet")):
         write_shards(WorldConfig(seed=2026, min_objects=1, max_objects=8), rows, INPUT, rows_per_shard=16)

@@ -1,0 +1,22 @@
+"""The toy world: synthetic scenes and questions for training, evaluating and demoing the small model.
+
+- ``world``: scenes, questions, samples, token-grid labels (``WorldConfig``, ``make_sample``, ...).
+- ``shards``: Parquet shards in the pipeline's input format (``write_shards``).
+- ``python -m workers.toyworld --out DIR --rows N``: the shard writer's command line.
+
+Pure numpy + PIL + pyarrow: importing this package never imports torch or ray.
+"""
+
+from workers.toyworld.shards import SHARD_SCHEMA, png_bytes, samples_to_table, write_shards
+from workers.toyworld.world import (
+    BACKGROUND_ID, BACKGROUNDS, COLOURS, PALETTE, QTYPES, SHAPES, SIZES, QA, Sample, SceneConfig,
+    SceneObject, WorldConfig, ask_question, box_token_mask, caption, dense_cell_labels,
+    generate_samples, make_sample, object_id_map, render_scene, sample_scene,
+)
+
+__all__ = [
+    "BACKGROUND_ID", "BACKGROUNDS", "COLOURS", "PALETTE", "QTYPES", "SHAPES", "SIZES", "QA", "Sample",
+    "SceneConfig", "SceneObject", "WorldConfig", "ask_question", "box_token_mask", "caption",
+    "dense_cell_labels", "generate_samples", "make_sample", "object_id_map", "render_scene",
+    "sample_scene", "SHARD_SCHEMA", "png_bytes", "samples_to_table", "write_shards",
+]
