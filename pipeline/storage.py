@@ -598,23 +598,24 @@ def write_bytes(url: str, data: bytes, storage: Optional[StorageOptions] = None)
 def put_if_absent(url: str, data: bytes, storage: Optional[StorageOptions] = None) -> bool:
     """Create `url` with `data` only if nothing is there; True if this call created it, False if it
     already existed. Atomic: of two racing callers exactly one gets True. S3: conditional PUT
-    (`If-None-Match: *`); local: a complete temp file hard-linked to the name. When a retried attempt
-    finds the object, it is read back: our own earlier attempt (same bytes) still counts as created."""
+    (`If-None-Match: *`); local: a complete temp file hard-linked to the name.
+
+    On object stores, a PUT whose response was lost is retried (by botocore or `with_retries`) and then
+    finds the object; so an existing object holding exactly `data` counts as created by this call.
+    Make `data` unique to the caller (a run id, a timestamp), as a lease body is."""
     fs, path = fsspec_filesystem(url, storage)
     if _protocol(url) == "file":
         return _local_put_if_absent(path, data)
-    attempts = 0
 
     def put() -> bool:
-        nonlocal attempts
-        attempts += 1
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
-            if attempts > 1:  # maybe our own first PUT landed and only its response was lost
-                fs.invalidate_cache(path)
-                return fs.cat_file(path) == data
-            return False
+            fs.invalidate_cache(path)
+            try:
+                return fs.cat_file(path) == data  # our own attempt whose response was lost?
+            except FileNotFoundError:  # removed in between: the next attempt may create it
+                raise TransientStorageError(f"{redact_url(url)} vanished during create") from None
         fs.invalidate_cache(posixpath.dirname(path))
         return True
 

@@ -3,6 +3,8 @@
 `s3_server`: a moto S3 server in a separate process on 127.0.0.1 (a free port), the loopback stand-in
 for MinIO/Ceph/R2. Fake credentials are set in the environment only while the fixture is alive and
 restored afterwards; tests using the fixture get the `integration` marker automatically.
+`fault_proxy`: a fault-injecting reverse proxy (tests/faultproxy.py) in front of that server, per test.
+`http_files`: a directory served over http:// on 127.0.0.1, per test (image URLs).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +112,65 @@ def s3_server(tmp_path_factory):
                 process.kill()
                 process.wait()
             log.close()
+
+
+@pytest.fixture()
+def fault_proxy(s3_server):
+    """A `faultproxy.FaultProxy` in front of the session's moto server, with no faults until the test
+    sets rules (`fault_proxy.set_rules([Fault("503", share=0.15)])`); point clients at it with
+    `s3_server.storage(endpoint_url=fault_proxy.url)`. Stopped after the test."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint_url, lifetime_s=900).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@dataclass
+class HttpFiles:
+    """Files served over http:// on 127.0.0.1 from `root` (a tiny `http.server`)."""
+
+    root: "Path"
+    base_url: str
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def add(self, name: str, data: bytes) -> str:
+        target = self.root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return self.url(name)
+
+
+@pytest.fixture()
+def http_files(tmp_path):
+    """`HttpFiles` over a fresh directory; the server thread stops after the test."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "http_root"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="http-files", daemon=True)
+    thread.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+            patch.setenv("no_proxy", "127.0.0.1,localhost")
+            yield HttpFiles(root=root, base_url=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 from PIL import Image
+
+from faultproxy import Fault
 
 from pipeline import storage, writer
 from pipeline.images import ImageStageConfig, decode_batch
@@ -245,3 +248,213 @@ def test_output_table_fills_defaults_and_enforces_status():
     assert (third["status"], third["error"]) == ("error", "invalid status 'weird'")
     assert first["kept_per_image"] == [] and first["keep_ratio"] is None and first["model"] == "m"
     assert out.schema.field("kept_per_image").type == pa.list_(pa.int32())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One storage layer: SDK variables, metadata, create-only puts
+
+
+def test_aws_endpoint_url_alone_reaches_every_client(s3_server, monkeypatch):
+    """No endpoint in the job file: AWS_ENDPOINT_URL decides for listing, Parquet (pyarrow) and bytes."""
+    bucket = s3_server.create_bucket()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    options = s3_server.storage(endpoint_url=None)
+    assert options.endpoint_url is None
+    table = shard(["a", "b"], [png(seed=1), png(seed=2)])
+    storage.write_parquet(table, f"s3://{bucket}/in/p.parquet", options)
+    storage.write_bytes(f"s3://{bucket}/in/img.png", png(seed=3), options)
+    assert storage.list_shards(f"s3://{bucket}/in/", options) == [f"s3://{bucket}/in/p.parquet"]
+    assert storage.read_parquet(f"s3://{bucket}/in/p.parquet", options).equals(table)
+    assert storage.read_bytes(f"s3://{bucket}/in/img.png", options) == png(seed=3)
+    # It really is the variable: the same calls with it pointing at a closed port fail (transiently).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    dead = s3_server.storage(endpoint_url=None, retry_deadline_s=0)
+    with pytest.raises(storage.TransientStorageError):
+        storage.read_parquet(f"s3://{bucket}/in/p.parquet", dead)
+    with pytest.raises(storage.TransientStorageError):
+        storage.list_shards(f"s3://{bucket}/in/", dead)
+
+
+def test_info_gives_size_and_a_change_token(s3_server):
+    bucket = s3_server.create_bucket()
+    store = s3_server.storage()
+    url = f"s3://{bucket}/x.bin"
+    storage.write_bytes(url, b"first", store)
+    first = storage.info(url, store)
+    assert first["size"] == 5 and first["type"] == "file" and first["etag"] and first["version"] == first["etag"]
+    storage.write_bytes(url, b"other", store)
+    assert storage.info(url, store)["version"] != first["version"]
+    with pytest.raises(FileNotFoundError):
+        storage.info(f"s3://{bucket}/missing.bin", store)
+
+
+def test_put_if_absent_on_s3_is_a_conditional_put(s3_server):
+    import threading
+
+    bucket = s3_server.create_bucket()
+    store = s3_server.storage()
+    url = f"s3://{bucket}/out/_lease.json"
+    assert storage.put_if_absent(url, b"run 1", store)
+    assert not storage.put_if_absent(url, b"run 2", store)
+    assert storage.read_bytes(url, store) == b"run 1"
+
+    race = f"s3://{bucket}/out/_race.json"
+    results, barrier = [], threading.Barrier(6)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        results.append((storage.put_if_absent(race, f"run {i}".encode(), store), i))
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [i for won, i in results if won]
+    assert len(winners) == 1 and storage.read_text(race, store) == f"run {winners[0]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults through the proxy
+
+FIFTEEN_PERCENT = [
+    Fault("503", share=0.05), Fault("500", share=0.03), Fault("reset", share=0.03),
+    Fault("reset_after", share=0.02), Fault("truncate", share=0.01, methods={"GET"}),
+    Fault("delay", share=0.01, delay_s=0.2),
+]
+
+
+def test_fifteen_percent_faults_lose_nothing(s3_server, fault_proxy):
+    """Writes, listing, Parquet and byte reads through ~15% injected faults return exactly the data."""
+    bucket = s3_server.create_bucket()
+    via_proxy = s3_server.storage(endpoint_url=fault_proxy.url, retry_deadline_s=30)
+    direct = s3_server.storage()
+    tables = {f"in/part-{i}.parquet": shard([f"{i}-{j}" for j in range(3)], [png(seed=10 * i + j) for j in range(3)])
+              for i in range(12)}
+    images = {f"img/{i}.png": png(seed=100 + i) for i in range(12)}
+    fault_proxy.set_rules(FIFTEEN_PERCENT)
+    start = time.monotonic()
+    for key, table in tables.items():
+        storage.write_parquet(table, f"s3://{bucket}/{key}", via_proxy)
+    for key, data in images.items():
+        storage.write_bytes(f"s3://{bucket}/{key}", data, via_proxy)
+    listed = [storage.list_shards(f"s3://{bucket}/in/", via_proxy) for _ in range(5)]
+    read = {key: storage.read_parquet(f"s3://{bucket}/{key}", via_proxy) for key in tables}
+    fetched = {key: storage.read_bytes(f"s3://{bucket}/{key}", via_proxy) for key in images}
+    elapsed = time.monotonic() - start
+    fault_proxy.clear()
+
+    expected = sorted(f"s3://{bucket}/{key}" for key in tables)
+    assert all(found == expected for found in listed)
+    assert all(read[key].equals(table) for key, table in tables.items())
+    assert fetched == images
+    for key, table in tables.items():  # what landed in the store is exactly what was written
+        assert storage.read_parquet(f"s3://{bucket}/{key}", direct).equals(table)
+    seen = sum(fault_proxy.requests.values())
+    injected = fault_proxy.total_injected()
+    print(f"\n15% faults: {injected} injected of {seen} requests ({dict(fault_proxy.injected)}) in {elapsed:.1f} s")
+    assert seen >= 100 and 0.08 * seen <= injected <= 0.25 * seen
+
+
+def test_faults_on_parquet_reads_only(s3_server, fault_proxy):
+    """Half of all GETs fail (503/reset/truncated): the pyarrow-wrapped reader still returns the table."""
+    bucket = s3_server.create_bucket()
+    table = shard(list("abcdef"), [png(seed=i) for i in range(6)])
+    url = f"s3://{bucket}/in/p.parquet"
+    storage.write_parquet(table, url, s3_server.storage())
+    fault_proxy.set_rules([Fault("503", 0.2, methods={"GET"}, path=r"p\.parquet"),
+                           Fault("reset", 0.15, methods={"GET"}, path=r"p\.parquet"),
+                           Fault("truncate", 0.15, methods={"GET"}, path=r"p\.parquet")])
+    via_proxy = s3_server.storage(endpoint_url=fault_proxy.url, retry_deadline_s=30)
+    for _ in range(20):
+        assert storage.read_parquet(url, via_proxy).equals(table)
+    gets = sum(1 for method, target, _ in fault_proxy.log if method == "GET" and "p.parquet" in target)
+    print(f"\nParquet GETs: {fault_proxy.total_injected()} of {gets} failed ({dict(fault_proxy.injected)})")
+    assert fault_proxy.total_injected() >= 8, fault_proxy.injected
+
+
+def test_permanent_fault_on_one_key_is_not_transient(s3_server, fault_proxy):
+    bucket = s3_server.create_bucket()
+    store = s3_server.storage()
+    storage.write_bytes(f"s3://{bucket}/img/good.png", png(seed=1), store)
+    storage.write_bytes(f"s3://{bucket}/img/bad.png", png(seed=2), store)
+    fault_proxy.set_rules([Fault("404", path=r"/img/bad\.png")])
+    via_proxy = s3_server.storage(endpoint_url=fault_proxy.url, retry_deadline_s=30)
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as info:
+        storage.read_bytes(f"s3://{bucket}/img/bad.png", via_proxy)
+    assert not storage.is_transient(info.value) and time.monotonic() - start < 3  # no retry loop
+    assert fault_proxy.injected["404"] == 1
+    assert storage.read_bytes(f"s3://{bucket}/img/good.png", via_proxy) == png(seed=1)
+
+
+def test_transient_fault_past_the_deadline_fails_transient_in_bounded_time(s3_server, fault_proxy):
+    bucket = s3_server.create_bucket()
+    storage.write_bytes(f"s3://{bucket}/img/a.png", png(seed=1), s3_server.storage())
+    fault_proxy.set_rules([Fault("503", path=r"/img/a\.png")])
+    deadline = 2.0
+    via_proxy = s3_server.storage(endpoint_url=fault_proxy.url, retry_deadline_s=deadline)
+    start = time.monotonic()
+    with pytest.raises(storage.TransientStorageError, match=r"read s3://.*/img/a\.png: transient") as info:
+        storage.read_bytes(f"s3://{bucket}/img/a.png", via_proxy)
+    elapsed = time.monotonic() - start
+    print(f"\npersistent 503: gave up after {elapsed:.1f} s, {info.value.attempts} attempts, "
+          f"{fault_proxy.injected['503']} requests refused")
+    assert deadline <= elapsed < deadline + 6  # + one attempt (botocore's own 3 tries, <= 3 s of backoff)
+    assert fault_proxy.injected["503"] >= 3  # retried (botocore inside each attempt, then our loop)
+    fault_proxy.clear()  # the outage passes: the same call succeeds
+    assert storage.read_bytes(f"s3://{bucket}/img/a.png", via_proxy) == png(seed=1)
+
+
+def test_put_if_absent_survives_a_lost_response(s3_server, fault_proxy):
+    """The create lands but its response is lost: the retry finds our own bytes and still says True."""
+    bucket = s3_server.create_bucket()
+    fault_proxy.set_rules([Fault("reset_after", methods={"PUT"}, path=r"_lease", limit=1)])
+    via_proxy = s3_server.storage(endpoint_url=fault_proxy.url, retry_deadline_s=10)
+    url = f"s3://{bucket}/out/_lease.json"
+    assert storage.put_if_absent(url, b"me", via_proxy)
+    assert fault_proxy.injected["reset_after"] == 1
+    assert storage.read_bytes(url, s3_server.storage()) == b"me"
+    assert not storage.put_if_absent(url, b"someone else", via_proxy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images over http(s):// and through faults
+
+
+def test_http_image_urls_are_read(http_files, s3_server):
+    good = http_files.add("img/a.png", png(112, 56))
+    assert storage.read_bytes(good) == png(112, 56)
+    assert storage.info(good)["size"] == len(png(112, 56))
+    bucket = s3_server.create_bucket()
+    job = make_job(s3_server, bucket)
+    urls = [good, http_files.url("img/missing.png")]
+    out = decode_batch({"id": [1, 2], "image": urls, "question": ["q", "q"]}, ImageStageConfig.from_job(job))
+    assert out.column("status").to_pylist() == ["ok", "error"]
+    assert out.column("visual_tokens").to_pylist()[0] == 8
+    assert out.column("error").to_pylist()[1] == f"image 0: {urls[1]} not found"
+    assert out.column("_transient").to_pylist() == [False, False]
+
+
+def test_transient_image_failures_are_marked(http_files, s3_server):
+    """A 503-ing image host: the rows are error rows flagged `_transient`; after the first row has used
+    up the deadline, the rest of the batch gets one attempt each (bounded time)."""
+    from faultproxy import FaultProxy
+
+    http_files.add("img/a.png", png(56, 56))
+    http_files.add("img/b.png", png(56, 56, seed=1))
+    with FaultProxy(http_files.base_url, lifetime_s=120) as proxy:
+        proxy.set_rules([Fault("503", path=r"/img/a\.png"), Fault("reset", path=r"/img/c\.png")])
+        bucket = s3_server.create_bucket()
+        job = make_job(s3_server, bucket, input={"uri": f"s3://{bucket}/in/",
+                                                 "storage": s3_server.storage(retry_deadline_s=1.5)})
+        urls = [f"{proxy.url}/img/a.png", f"{proxy.url}/img/b.png", f"{proxy.url}/img/c.png",
+                f"{proxy.url}/img/a.png", f"{proxy.url}/img/none.png"]
+        start = time.monotonic()
+        out = decode_batch({"id": list(range(5)), "image": urls, "question": ["q"] * 5}, ImageStageConfig.from_job(job))
+        elapsed = time.monotonic() - start
+    assert out.column("status").to_pylist() == ["error", "ok", "error", "error", "error"]
+    assert out.column("_transient").to_pylist() == [True, False, True, True, False]
+    assert "(transient)" in out.column("error").to_pylist()[0]
+    assert out.column("error").to_pylist()[4].endswith("not found")
+    assert elapsed < 1.5 + 4, elapsed
