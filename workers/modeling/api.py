@@ -2,6 +2,10 @@
 
 `GlimpseEngine.generate(requests, sampling) -> list[GenerationResult]` is the contract the pipeline
 (`workers/`), the one-question command and the benchmarks use. One result per request, same order.
+
+Explicit keep masks (oracle, anti-oracle, random or any outside strategy) go through the same prefill,
+compaction, KV cache, re-left-pad and decode as GlimpsePrune: per request `GenerationRequest.keep_mask`
+(with `generate(..., keep_layer=...)`), or `KeepMasks` for `generate_from_inputs`.
 """
 from __future__ import annotations
 
@@ -42,6 +46,28 @@ class GenerationRequest:
     images: tuple = ()
     prompt: str = ""
     system: Optional[str] = None
+    # Optional explicit keep mask over this row's visual tokens (all its images, in token order; bool
+    # sequence or BoolTensor [N_v]); it replaces the keep rule. All-False keeps no visual token.
+    keep_mask: Optional[Any] = None
+
+
+@dataclass(frozen=True)
+class KeepMasks:
+    """Explicit per-row keep masks for one batch, replacing the glimpse modules' keep rule.
+
+    masks: one per row, bool [N_v(b)] over that row's visual tokens (all its images, in the row's token
+      order; torch.BoolTensor or a sequence of bools); a row without images has an empty mask.
+    keep_layer: the decoder layer after whose output the unkept visual tokens are dropped (from its
+      KV cache and every later layer); None = the glimpse modules' reduce_layer (the default pruning
+      point; an error without modules); -1 = before the LLM (dropped from layer 0's input).
+    """
+
+    masks: tuple
+    keep_layer: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.keep_layer is not None and self.keep_layer < -1:
+            raise ValueError(f"keep_layer must be >= -1 (or None), got {self.keep_layer}")
 
 
 @dataclass

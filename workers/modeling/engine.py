@@ -4,6 +4,9 @@ One call = one batch: requests are templated and processed together (left paddin
 one pass (GlimpsePrune or plain), then decoded together with per-row EOS stops. The caller (the
 pipeline's actor) decides batch composition. Already-processed inputs are accepted by
 `generate_from_inputs`, so other front ends and checks can feed the engine directly.
+
+Explicit keep masks (per request `keep_mask`, or `KeepMasks` for processed inputs) replace the keep rule
+and work with or without glimpse modules: same compaction, cache, re-padding and decode.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .api import GenerationRequest, GenerationResult, SamplingParams
+from .api import GenerationRequest, GenerationResult, KeepMasks, SamplingParams
 from .glimpse import GlimpseModules
 from .keep_rule import KeepRule, split_per_image
 from .qwen2_5_vl import GlimpsedRow, ModelInputs, PrefillState, QwenGlimpseModel
@@ -58,20 +61,39 @@ class GlimpseEngine:
         )
 
     def generate(
-        self, requests: Sequence[GenerationRequest], sampling: SamplingParams = SamplingParams(), return_masks: bool = False
+        self,
+        requests: Sequence[GenerationRequest],
+        sampling: SamplingParams = SamplingParams(),
+        return_masks: bool = False,
+        keep_layer: Optional[int] = None,
     ) -> list[GenerationResult]:
+        """Answer the requests as one batch. If any request carries a `keep_mask`, every request with
+        images must: the masks replace the keep rule, pruned after `keep_layer` (see `KeepMasks`)."""
         if not requests:
             return []
-        return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks)
+        keep = _request_keep_masks(requests, keep_layer)
+        return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep)
 
     # ---- processed inputs -> results ----------------------------------------------------------
     @torch.inference_mode()
     def generate_from_inputs(
-        self, inputs: ModelInputs | dict, sampling: SamplingParams = SamplingParams(), prune: bool = True, return_masks: bool = False
+        self,
+        inputs: ModelInputs | dict,
+        sampling: SamplingParams = SamplingParams(),
+        prune: bool = True,
+        return_masks: bool = False,
+        keep: Optional[KeepMasks] = None,
     ) -> list[GenerationResult]:
+        """prune=False: the plain model. keep: explicit per-row keep masks instead of the keep rule
+        (with or without glimpse modules); prune must then be True."""
+        if keep is not None and not prune:
+            raise ValueError("explicit keep masks prune: pass prune=True (or no keep masks)")
         inputs = self._check(self._to_device(inputs))
         t0 = _now(self.device)
-        state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
+        if keep is not None:
+            state = self.core.prefill(inputs, keep_masks=list(keep.masks), keep_layer=keep.keep_layer)
+        else:
+            state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
         t1 = _now(self.device)
         tokens, finished = self._decode(state, sampling)
         t2 = _now(self.device)
@@ -82,13 +104,17 @@ class GlimpseEngine:
         ]
 
     @torch.inference_mode()
-    def glimpse(self, inputs: ModelInputs | dict) -> tuple[list[GlimpsedRow], float]:
-        """The glimpse stage alone (pruning engines only): per-sample rows and the stage's seconds."""
-        if not self.prunes:
-            raise ValueError("glimpse() needs glimpse modules and a keep rule")
+    def glimpse(self, inputs: ModelInputs | dict, keep: Optional[KeepMasks] = None) -> tuple[list[GlimpsedRow], float]:
+        """The first half of a pruned prefill alone: per-sample rows and the stage's seconds. Without
+        `keep` it is the glimpse stage (pruning engines only); with it, the explicit-mask stage."""
+        if keep is None and not self.prunes:
+            raise ValueError("glimpse() needs glimpse modules and a keep rule, or explicit keep masks")
         inputs = self._check(self._to_device(inputs))
         t0 = _now(self.device)
-        rows = self.core.glimpse_stage(inputs, self.rule)
+        if keep is not None:
+            rows = self.core.masked_stage(inputs, list(keep.masks), keep.keep_layer)
+        else:
+            rows = self.core.glimpse_stage(inputs, self.rule)
         return rows, _now(self.device) - t0
 
     @torch.inference_mode()
@@ -156,7 +182,7 @@ class GlimpseEngine:
             prefill_s=times[0],
             decode_s=times[1],
             finish_reason="stop" if finished else "length",
-            importance_logits=state.importance_logits[row].cpu() if (return_masks and state.importance_logits) else None,
+            importance_logits=_row_or_none(state.importance_logits, row, return_masks),
             keep_mask=mask.cpu() if (return_masks and mask is not None) else None,
         )
 
@@ -164,6 +190,25 @@ class GlimpseEngine:
         if isinstance(inputs, dict):
             inputs = ModelInputs(**{k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
         return inputs.to(self.device)
+
+
+def _row_or_none(per_row: Optional[list], row: int, wanted: bool):
+    value = per_row[row] if (wanted and per_row) else None
+    return value.cpu() if value is not None else None
+
+
+def _request_keep_masks(requests: Sequence[GenerationRequest], keep_layer: Optional[int]) -> Optional[KeepMasks]:
+    """The requests' keep masks as one `KeepMasks` (None when no request has one)."""
+    if all(r.keep_mask is None for r in requests):
+        if keep_layer is not None:
+            raise ValueError("keep_layer is set but no request has a keep_mask")
+        return None
+    masks = []
+    for i, req in enumerate(requests):
+        if req.keep_mask is None and req.images:
+            raise ValueError(f"request {i} has images but no keep_mask while others have one")
+        masks.append(req.keep_mask if req.keep_mask is not None else ())
+    return KeepMasks(tuple(masks), keep_layer)
 
 
 def _eos_ids(model: nn.Module, processor) -> list[int]:

@@ -15,6 +15,13 @@ Decoding continues on the pruned cache with explicit per-row positions (next = l
 Steps 1-5 are `glimpse_stage` (one `GlimpsedRow` per sample) and step 6 is `finish_prefill`, so a
 caller may regroup rows from several glimpse batches by retained length before finishing them.
 
+Explicit keep masks (`masked_stage`): the caller gives each row's keep mask over its visual tokens and
+the layer after which they are dropped (-1 = from the LLM's input embeddings, before layer 0). Steps
+1-2, then layers 0..that layer on the plain prompt (no glimpse, no VIP), then the same compaction
+(step 5) and `finish_prefill`/decode as GlimpsePrune. With the glimpse modules' own keep masks at
+their reduce_layer it equals GlimpsePrune: the glimpse is the last token, so causally no prompt token
+ever sees it, and decoding never does.
+
 `prune=False` (no glimpse modules) runs the plain model through the same code, for baselines.
 Only the one glimpse row of attention is computed by hand; the real attention stays with the
 configured backend (SDPA or flash-attention-2).
@@ -65,8 +72,9 @@ class GlimpsedRow:
     values: tuple
     visual_tokens: list  # per image
     keep_mask: torch.Tensor  # bool [N_v]
-    importance_logits: torch.Tensor  # [N_v]
+    importance_logits: Optional[torch.Tensor]  # [N_v]; None for explicit keep masks
     prompt_tokens: int  # real (unpadded) prompt length before pruning
+    reduce_layer: Optional[int] = None  # last layer run at full length (-1: none); None = the modules'
 
     @property
     def length(self) -> int:
@@ -83,7 +91,7 @@ class PrefillState:
     logits: torch.Tensor  # [B, V] next-token logits
     visual_tokens: list  # per sample: list of per-image token counts
     keep_masks: Optional[list] = None  # per sample: bool [N_v(b)]
-    importance_logits: Optional[list] = None  # per sample: float [N_v(b)]
+    importance_logits: Optional[list] = None  # per sample: float [N_v(b)] or None (explicit keep masks)
 
 
 class QwenGlimpseModel:
@@ -196,9 +204,17 @@ class QwenGlimpseModel:
         return self.model.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0].float()  # [B, V]
 
     # ---- prefill -----------------------------------------------------------------------------
-    def prefill(self, inputs: ModelInputs, rule: Optional[KeepRule] = None) -> PrefillState:
-        """Plain prefill when no glimpse modules are attached (or rule is None), else GlimpsePrune."""
+    def prefill(
+        self, inputs: ModelInputs, rule: Optional[KeepRule] = None, keep_masks: Optional[list] = None, keep_layer: Optional[int] = None
+    ) -> PrefillState:
+        """Plain prefill when no glimpse modules are attached (or rule is None), else GlimpsePrune.
+
+        keep_masks (per sample bool [N_v(b)]) replace the keep rule: the rows are pruned after
+        `keep_layer` (None = the modules' reduce_layer, -1 = before layer 0) by `masked_stage`.
+        """
         visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
+        if keep_masks is not None:
+            return self.finish_prefill(self.masked_stage(inputs, keep_masks, keep_layer, visual))
         if self.modules is None or rule is None or inputs.pixel_values is None:
             return self._plain_prefill(inputs, visual)
         return self._glimpse_prefill(inputs, rule, visual)
@@ -254,27 +270,74 @@ class QwenGlimpseModel:
         per_sample = torch.split(logits_all, [sum(v) for v in visual])
         keeps = [keep_mask(lg, rule) for lg in per_sample]
         # Drop the glimpse (last slot), then the pruned visual tokens; each row keeps its survivors.
-        remain = pad[:, :-1].bool().clone()
-        remain[is_image] = torch.cat(keeps).to(remain.device) & remain[is_image]
-        kv = [(compat.cache_keys(cache, i)[:, :, :-1], compat.cache_values(cache, i)[:, :, :-1]) for i in range(k_last + 1)]
+        return self._compact(
+            _Stage(hidden[:, :-1], positions[:, :, :-1], inputs, cache, k_last, visual, drop_last_kv=True), keeps, per_sample
+        )
+
+    def masked_stage(
+        self, inputs: ModelInputs, keep_masks: list, keep_layer: Optional[int] = None, visual: Optional[list] = None
+    ) -> list:
+        """Layers 0..keep_layer on the plain prompt, then drop the visual tokens the caller's masks do not
+        keep: one `GlimpsedRow` per sample, as `glimpse_stage` gives, for `finish_prefill`.
+
+        keep_masks: per sample, bool [N_v(b)] over its visual tokens (all its images, token order); an
+        all-False mask keeps no visual token. keep_layer: None = the modules' reduce_layer; -1 = prune
+        the LLM's input embeddings (no layer runs at full length).
+        """
+        if visual is None:
+            visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
+        k_last = self._keep_layer(keep_layer)
+        keeps = _check_keep_masks(keep_masks, visual, inputs.input_ids.device)
+        hidden, _ = self.embed(inputs, ())
+        positions = self.positions(inputs)
+        cache = DynamicCache(config=compat.text_config(self.model))
+        hidden = self.run_layers(range(k_last + 1), hidden, inputs.attention_mask, positions, cache)
+        return self._compact(_Stage(hidden, positions, inputs, cache, k_last, visual, drop_last_kv=False), keeps, None)
+
+    def _keep_layer(self, keep_layer: Optional[int]) -> int:
+        n_layers = len(self.lm.layers)
+        if keep_layer is None:
+            if self.modules is None:
+                raise ValueError("explicit keep masks without glimpse modules need a keep_layer (-1 = before layer 0)")
+            keep_layer = self.modules.config.reduce_layer
+        if not -1 <= int(keep_layer) < n_layers:
+            raise ValueError(f"keep_layer must be in -1..{n_layers - 1} for {n_layers} decoder layers, got {keep_layer}")
+        return int(keep_layer)
+
+    def _compact(self, st: "_Stage", keeps: list, importance: Optional[tuple]) -> list:
+        """Per sample: keep the text tokens and the kept visual tokens of hidden, positions and the KV
+        cache of layers 0..st.k_last (survivors keep their original positions)."""
+        ids, pad = st.inputs.input_ids, st.inputs.attention_mask
+        is_image = ids == self.config.image_token_id  # [B, L]
+        remain = pad.bool().clone()
+        if keeps:
+            remain[is_image] = torch.cat(keeps).to(remain.device) & remain[is_image]
+        end = -1 if st.drop_last_kv else None  # the glimpse's slot in the cache
+        kv = [(compat.cache_keys(st.cache, i)[:, :, :end], compat.cache_values(st.cache, i)[:, :, :end]) for i in range(st.k_last + 1)]
         rows = []
-        for b in range(bsz):
+        for b in range(ids.shape[0]):
             sel = remain[b]
             rows.append(GlimpsedRow(
-                hidden=hidden[b, :-1][sel],
-                positions=positions[:, b, :-1][:, sel],
+                hidden=st.hidden[b][sel],
+                positions=st.positions[:, b][:, sel],
                 keys=tuple(k[b][:, sel] for k, _ in kv),
                 values=tuple(v[b][:, sel] for _, v in kv),
-                visual_tokens=visual[b],
+                visual_tokens=st.visual[b],
                 keep_mask=keeps[b],
-                importance_logits=per_sample[b],
-                prompt_tokens=int(inputs.attention_mask[b].sum()),
+                importance_logits=importance[b] if importance is not None else None,
+                prompt_tokens=int(pad[b].sum()),
+                reduce_layer=st.k_last,
             ))
         return rows
 
     def finish_prefill(self, rows: list) -> PrefillState:
-        """Left-pad glimpsed rows into one batch, run layers K+1..L-1, and take next-token logits."""
-        k_last = self.modules.config.reduce_layer
+        """Left-pad glimpsed rows into one batch, run layers K+1..L-1, and take next-token logits.
+
+        All rows must have been pruned after the same layer K (their caches hold layers 0..K)."""
+        layers = {self._keep_layer(r.reduce_layer) for r in rows}
+        if len(layers) != 1:
+            raise ValueError(f"rows pruned after different layers {sorted(layers)} cannot be finished together")
+        k_last = layers.pop()
         lengths = torch.tensor([r.length for r in rows])
         new_len = int(lengths.max())
         device = rows[0].hidden.device
@@ -312,6 +375,32 @@ class QwenGlimpseModel:
         pos = positions.view(1, -1, 1).expand(3, -1, -1)
         hidden = self.run_layers(range(len(self.lm.layers)), hidden, pad_mask, pos, cache)
         return self.next_token_logits(hidden)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """The full-length state after layers 0..k_last, before compaction."""
+
+    hidden: torch.Tensor  # [B, L, d]
+    positions: torch.Tensor  # [3, B, L]
+    inputs: ModelInputs
+    cache: DynamicCache  # layers 0..k_last, [B, kv_heads, L (+1 glimpse), hd]
+    k_last: int
+    visual: list  # per sample: per-image token counts
+    drop_last_kv: bool  # the cache holds one extra (glimpse) slot at the end
+
+
+def _check_keep_masks(keep_masks, visual: list, device) -> list:
+    """Explicit keep masks -> per sample bool [N_v(b)] tensors on device; lengths checked."""
+    if len(keep_masks) != len(visual):
+        raise ValueError(f"{len(keep_masks)} keep masks for {len(visual)} rows")
+    out = []
+    for b, (mask, per_image) in enumerate(zip(keep_masks, visual)):
+        mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1).to(device)
+        if mask.numel() != sum(per_image):
+            raise ValueError(f"row {b}: keep mask has {mask.numel()} entries, the row has {sum(per_image)} visual tokens")
+        out.append(mask)
+    return out
 
 
 def _pad_rows(per_row: list, slots: torch.Tensor) -> torch.Tensor:
