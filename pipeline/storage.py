@@ -59,6 +59,10 @@ _GLOB_CHARS = "*?["
 _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file"}
 _HTTP = ("http", "https")
 _BOTO_ATTEMPTS = 3  # botocore's own tries per call (standard mode); with_retries does the rest
+# s3fs retries SlowDown and body-read errors around botocore's tries (default 5 x 3 tries: ~25 s on a
+# persistent SlowDown). 2 keeps one attempt short, so the deadline governs; the second covers a body cut
+# mid-stream for pyarrow reads that do not go through with_retries.
+_S3FS_RETRIES = 2
 _CONNECT_TIMEOUT_S = 10
 _READ_TIMEOUT_S = 60
 _BACKOFF_FIRST_S = 0.1
@@ -269,13 +273,16 @@ def fsspec_filesystem(url: str, storage: Optional[StorageOptions] = None) -> tup
     storage = storage or StorageOptions()
     scheme = _protocol(url)
     try:
-        return fsspec.core.url_to_fs(_with_protocol(url, scheme), **_fs_kwargs(scheme, storage))
+        fs, path = fsspec.core.url_to_fs(_with_protocol(url, scheme), **_fs_kwargs(scheme, storage))
     except ImportError as exc:
         package = {"gs": "gcsfs", "s3": "s3fs", "http": "aiohttp", "https": "aiohttp"}.get(
             scheme, f"the fsspec driver for {scheme}://")
         raise StorageError(f"{scheme}:// URLs need {package}, which is not installed ({exc})") from None
     except ValueError as exc:
         raise StorageError(f"{scheme}:// is not a known storage protocol ({exc})") from None
+    if scheme == "s3":
+        fs.retries = _S3FS_RETRIES  # an attribute s3fs reads per call; the same on every cached instance
+    return fs, path
 
 
 def pyarrow_filesystem(url: str, storage: Optional[StorageOptions] = None) -> tuple[pafs.FileSystem, str]:

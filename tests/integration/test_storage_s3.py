@@ -400,7 +400,8 @@ def test_transient_fault_past_the_deadline_fails_transient_in_bounded_time(s3_se
     elapsed = time.monotonic() - start
     print(f"\npersistent 503: gave up after {elapsed:.1f} s, {info.value.attempts} attempts, "
           f"{fault_proxy.injected['503']} requests refused")
-    assert deadline <= elapsed < deadline + 6  # + one attempt (botocore's own 3 tries, <= 3 s of backoff)
+    # + one attempt: HEAD (and s3fs's listing fallback), each botocore's 3 tries with <= 3 s of backoff
+    assert deadline <= elapsed < deadline + 10
     assert fault_proxy.injected["503"] >= 3  # retried (botocore inside each attempt, then our loop)
     fault_proxy.clear()  # the outage passes: the same call succeeds
     assert storage.read_bytes(f"s3://{bucket}/img/a.png", via_proxy) == png(seed=1)
