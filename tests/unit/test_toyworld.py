@@ -4,9 +4,11 @@ import dataclasses
 import io
 import itertools
 import json
+import math
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from workers.toyworld import __main__ as cli
+from workers.toyworld import record
 from workers.toyworld import shards
 from workers.toyworld import world as syn
 
@@ -178,7 +181,7 @@ def test_answers_match_recorded_objects(mixed_samples):
               "counting": _check_counting, "captioning": _check_captioning}
     for sample in mixed_samples:
         checks[sample.qtype](sample)
-    assert {s.qtype for s in mixed_samples} == set(syn.QTYPES)
+    assert {s.qtype for s in mixed_samples} == {name for name, _ in MIXED.question_mix}
 
 
 def test_existence_answers_are_balanced():
@@ -316,3 +319,92 @@ def test_import_pulls_in_neither_torch_nor_ray():
     code = ("import sys, workers.toyworld, workers.toyworld.__main__; "
             "assert not {'torch', 'ray'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Region questions (world v2) and the recorded world
+
+
+def _centre(obj):  # (y, x) in px
+    x1, y1, x2, y2 = obj["box_px"]
+    return (y1 + y2) / 2, (x1 + x2) / 2
+
+
+def _named(question, objects):
+    """The indices of the objects a "the triangle" / "the red object" reference matches."""
+    ref = re.search(r"next to the (\w+)( object)?\?", question)
+    word, by_colour = ref.group(1), ref.group(2) is not None
+    return [i for i, o in enumerate(objects) if (o["colour"] if by_colour else o["shape"]) == word]
+
+
+def _v2_only(qtype, seed=11):
+    return dataclasses.replace(record.v2_world(seed), question_mix=((qtype, 1.0),))
+
+
+def test_next_to_names_one_object_and_answers_its_clear_nearest_neighbour():
+    asked = [s for s in syn.generate_samples(_v2_only("next_to"), 200) if s.qtype == "next_to"]
+    assert len(asked) >= 100
+    for s in asked:
+        named = _named(s.question, s.objects)
+        assert len(named) == 1, s.question
+        anchor = _centre(s.objects[named[0]])
+        dist = sorted((math.dist(anchor, _centre(o)), j) for j, o in enumerate(s.objects) if j != named[0])
+        nearest = s.objects[dist[0][1]]
+        assert s.answer == f"{nearest['colour']} {nearest['shape']}"
+        assert len(dist) == 1 or dist[1][0] >= 1.3 * dist[0][0]
+        assert s.boxes == [s.objects[named[0]]["box"], nearest["box"]]
+
+
+def _quadrant(obj, size):
+    y, x = _centre(obj)
+    return f"{'top' if y < size / 2 else 'bottom'} {'left' if x < size / 2 else 'right'}"
+
+
+def test_quadrant_and_region_count_answers_follow_the_box_centres():
+    world = record.v2_world(12)
+    size = world.image_size
+    seen = Counter()
+    for qtype in ("quadrant", "region_count"):
+        for s in syn.generate_samples(dataclasses.replace(world, question_mix=((qtype, 1.0),)), 300):
+            if s.qtype != qtype:
+                continue
+            seen[qtype] += 1
+            where = re.search(r"in the (\w+ \w+) corner", s.question).group(1)
+            inside = [o for o in s.objects if _quadrant(o, size) == where]
+            for o in s.objects:  # no centre near a midline, so the answer is unambiguous
+                y, x = _centre(o)
+                assert min(abs(y - size / 2), abs(x - size / 2)) >= 0.02 * size
+            if qtype == "quadrant":
+                assert 1 <= len(inside) <= 3
+                assert s.answer == syn.caption([syn.SceneObject.from_dict(o) for o in inside])
+            else:
+                assert s.answer == str(len(inside))
+            assert sorted(map(tuple, s.boxes)) == sorted(tuple(o["box"]) for o in inside)
+    assert seen["quadrant"] >= 60 and seen["region_count"] >= 60, seen
+
+
+def test_v2_world_is_336px_with_small_objects_and_every_question_type():
+    world = record.v2_world(3)
+    samples = list(syn.generate_samples(world, 300))
+    assert {s.image.size for s in samples} == {(336, 336)}
+    assert {s.qtype for s in samples} == set(syn.QTYPES)
+    # One object of the smallest size class touches at most 3 x 3 of the 12 x 12 token cells (6%).
+    small = [o for s in samples for o in s.objects if o["size"] == "small"]
+    cells = [syn.box_token_mask([o["box"]], 12, 12).sum() for o in small]
+    assert max(cells) <= 9 and np.mean(cells) <= 5
+
+
+def test_world_json_round_trip_and_new_seed(tmp_path):
+    world = record.v2_world(7)
+    path = record.save_world(world, tmp_path)
+    assert json.loads(path.read_text())["version"] == record.WORLD_VERSION
+    assert record.load_world(tmp_path) == world
+    fresh = record.load_world(tmp_path, seed=4242)
+    assert fresh == dataclasses.replace(world, seed=4242)
+    a, b = syn.make_sample(world, 0), syn.make_sample(fresh, 0)
+    assert a.image.size == b.image.size and a.question != b.question or a.objects != b.objects
+    assert record.load_world(tmp_path / "nowhere") == syn.WorldConfig()  # the first model's world
+    newer = {**json.loads(path.read_text()), "version": record.WORLD_VERSION + 1}
+    path.write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match="newer"):
+        record.load_world(tmp_path)

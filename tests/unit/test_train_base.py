@@ -239,3 +239,60 @@ def test_pruned_training_forward_equals_the_engine_with_the_same_keep_masks():
     # Without pruning the same forward gives other answers: the masks matter.
     hidden_all, _ = train_base.run_pruned(model, embeds, pad, positions, torch.zeros_like(drop), answer_rows, 2)
     assert not torch.allclose(model.lm_head(hidden_all)[:, first], logits[:, first], atol=1e-3)
+
+
+def test_grown_model_first_computes_what_the_smaller_one_did(tmp_path):
+    """`grow_weights`: the small model's text layers moved up by `offset`, the new layers identity maps."""
+    import dataclasses
+
+    cfg = _tiny_cfg(questions_per_image=1, batch_size=3)
+    small = build_tiny_model(cfg.spec, seed=3).eval()
+    small.save_pretrained(tmp_path / "small")
+    spec = dataclasses.replace(cfg.spec, text_num_layers=cfg.spec.text_num_layers + 3)
+    grown = build_tiny_model(spec, seed=4).eval()
+    train_base.grow_weights(grown, tmp_path / "small", offset=2)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    batch = BatchEncoder(processor).encode(train_base.training_samples(cfg, step=1, max_objects=4))
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                  image_grid_thw=batch.image_grid_thw, mm_token_type_ids=(batch.input_ids == small.config.image_token_id).int())
+    with torch.no_grad():
+        want, got = small(**inputs).logits, grown(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grown.model.language_model.layers[2].self_attn.q_proj.weight,
+                       small.model.language_model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="no place"):  # more layers than the target can take
+        train_base.grow_weights(grown, tmp_path / "small", offset=4)
+
+
+def test_shield_share_reads_the_models_own_attention():
+    """The shielded share equals the stock eager attention's visual share of the prompt's text queries
+    after the image and of the visual queries (own position excluded), averaged over layers 0..K."""
+    cfg = _tiny_cfg(questions_per_image=1, batch_size=4)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    batch = BatchEncoder(processor).encode(train_base.training_samples(cfg, step=4, max_objects=4))
+    model = build_tiny_model(cfg.spec, seed=0).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    image_id = model.config.image_token_id
+    types = (batch.input_ids == image_id).int()
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                    image_grid_thw=batch.image_grid_thw, mm_token_type_ids=types, output_hidden_states=True,
+                    output_attentions=True)
+        positions, _ = model.model.get_rope_index(batch.input_ids, mm_token_type_ids=types,
+                                                  image_grid_thw=batch.image_grid_thw, attention_mask=batch.attention_mask)
+        loss, share = train_base.shield_losses(model, out.hidden_states, positions, batch, last_layer=1)
+    is_image = types.bool()
+    text = (batch.attention_mask.bool() & ~is_image & (types.cumsum(1) > 0) & (batch.labels == IGNORE_INDEX))
+    queries = text | is_image
+    length = is_image.shape[1]
+    keys = is_image[:, None, :] & ~torch.eye(length, dtype=torch.bool)[None]  # [B, Lq, Lk]
+    per_layer = []
+    for layer in (0, 1):
+        probs = out.attentions[layer]  # [B, h, L, L]
+        vis = (probs * keys[:, None]).sum(-1)  # [B, h, L]
+        per_layer.append(vis.transpose(1, 2)[queries].mean())
+    assert share == pytest.approx(float(torch.stack(per_layer).mean()), abs=1e-5)
+    assert 0.05 < share < 0.95 and float(loss) > 0

@@ -67,7 +67,9 @@ PALETTE = {
 }
 COLOURS = tuple(PALETTE)
 SIZES = ("small", "large")
-QTYPES = ("attribute", "existence", "counting", "captioning")
+QTYPES = ("attribute", "existence", "counting", "captioning", "next_to", "quadrant", "region_count")
+REGION_QTYPES = ("next_to", "quadrant", "region_count")  # questions about one part of the image
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUNDS = ("plain", "noise", "stripes")
 BACKGROUND_ID = 0  # class id of "no object" in dense_cell_labels; shape/colour ids start at 1
 
@@ -80,6 +82,9 @@ _TEXTURE = 10             # largest texture offset, +-; keeps the background awa
 _PLACEMENT_TRIES = 60
 _ZERO_COUNT_PROB = 0.15   # counting: ask about an absent shape or colour ("0") this often
 _COLOUR_COUNT_PROB = 0.3  # counting: count a colour instead of a shape this often
+_NEXT_TO_RATIO = 1.3      # next_to: the second-nearest object is at least this much farther away
+_MIDLINE_GAP = 0.02       # quadrant / region_count: no object centre this close (share of side) to a midline
+_MAX_LISTED = 3           # quadrant: ask only about a quadrant holding 1..3 objects
 
 
 @dataclass(frozen=True)
@@ -389,6 +394,71 @@ def _captioning_question(objects: Sequence[SceneObject]) -> QA:
     return QA("Describe the image.", caption(objects), "captioning", tuple(range(len(objects))))
 
 
+def _reference(objects: Sequence[SceneObject], i: int, rng: np.random.Generator) -> str | None:
+    """How a question names object ``i`` unambiguously ("the triangle", "the red object"), or None."""
+    shapes, colours = Counter(o.shape for o in objects), Counter(o.colour for o in objects)
+    names = ([f"the {objects[i].shape}"] if shapes[objects[i].shape] == 1 else []) + (
+        [f"the {objects[i].colour} object"] if colours[objects[i].colour] == 1 else [])
+    return names[rng.integers(len(names))] if names else None
+
+
+def _next_to_question(rng: np.random.Generator, objects: Sequence[SceneObject]) -> QA | None:
+    """"What is next to the triangle?" -> "blue square": the object whose box centre is nearest the
+    named one's, asked only when the runner-up is at least ``_NEXT_TO_RATIO`` times farther away."""
+    options = []
+    for i, anchor in enumerate(objects):
+        dist = sorted((math.dist(anchor.centre, o.centre), j) for j, o in enumerate(objects) if j != i)
+        if dist and (len(dist) == 1 or dist[1][0] >= _NEXT_TO_RATIO * dist[0][0]):
+            options.append((i, dist[0][1]))
+    for k in rng.permutation(len(options)):
+        i, j = options[k]
+        name = _reference(objects, i, rng)
+        if name is not None:
+            other = objects[j]
+            return QA(f"What is next to {name}?", f"{other.colour} {other.shape}", "next_to", (i, j))
+    return None
+
+
+def _quadrant_of(obj: SceneObject, image_size: int) -> str | None:
+    """The quadrant holding ``obj``'s box centre, or None when the centre is near a midline."""
+    y, x = obj.centre
+    half, gap = image_size / 2, _MIDLINE_GAP * image_size
+    if abs(y - half) < gap or abs(x - half) < gap:
+        return None
+    return f"{'top' if y < half else 'bottom'} {'left' if x < half else 'right'}"
+
+
+def _clear_quadrants(objects: Sequence[SceneObject], image_size: int) -> dict[str, tuple[int, ...]] | None:
+    """Quadrant -> indices of its objects, or None if some object's centre is near a midline."""
+    where = [_quadrant_of(o, image_size) for o in objects]
+    if None in where:
+        return None
+    return {q: tuple(i for i, w in enumerate(where) if w == q) for q in QUADRANTS}
+
+
+def _quadrant_question(rng: np.random.Generator, objects: Sequence[SceneObject], image_size: int) -> QA | None:
+    """"What is in the top left corner?" -> "a red circle and a blue square" (caption order)."""
+    quadrants = _clear_quadrants(objects, image_size)
+    if quadrants is None:
+        return None
+    pool = [q for q, idx in quadrants.items() if 1 <= len(idx) <= _MAX_LISTED]
+    if not pool:
+        return None
+    q = pool[rng.integers(len(pool))]
+    return QA(f"What is in the {q} corner?", caption([objects[i] for i in quadrants[q]]), "quadrant", quadrants[q])
+
+
+def _region_count_question(rng: np.random.Generator, objects: Sequence[SceneObject],
+                           image_size: int) -> QA | None:
+    """"How many objects are in the bottom right corner?" -> "2" (digits, "0" possible)."""
+    quadrants = _clear_quadrants(objects, image_size)
+    if quadrants is None:
+        return None
+    q = QUADRANTS[rng.integers(len(QUADRANTS))]
+    idx = quadrants[q]
+    return QA(f"How many objects are in the {q} corner?", str(len(idx)), "region_count", idx)
+
+
 def ask_question(config: WorldConfig, objects: Sequence[SceneObject],
                  rng: np.random.Generator) -> QA:
     names = [name for name, _ in config.question_mix]
@@ -401,7 +471,16 @@ def ask_question(config: WorldConfig, objects: Sequence[SceneObject],
         return _existence_question(rng, objects)
     if qtype == "counting":
         return _counting_question(rng, objects)
-    return _captioning_question(objects)
+    if qtype == "captioning":
+        return _captioning_question(objects)
+    # Region questions: a scene where the asked one is ill-defined gets an attribute (or counting) one.
+    if qtype == "next_to":
+        found = _next_to_question(rng, objects)
+    elif qtype == "quadrant":
+        found = _quadrant_question(rng, objects, config.image_size)
+    else:
+        found = _region_count_question(rng, objects, config.image_size)
+    return found or _attribute_question(rng, objects) or _counting_question(rng, objects)
 
 
 # ---------------------------------------------------------------------------------------------

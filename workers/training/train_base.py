@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.toyworld import COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples
+from workers.toyworld import (COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples, save_world,
+                              v2_world)
 from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
 
 from .data import IGNORE_INDEX, MAX_COUNT, SHAPE_WORD, BatchEncoder, TrainBatch, scene_questions
@@ -92,6 +93,14 @@ PRESETS = {
         vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
         vision_fullatt_block_indexes=(0, 1, 2, 3), vision_window_size=112, patch_size=28, spatial_merge_size=1,
         text_num_layers=4, text_hidden_size=128, text_num_heads=4, text_num_kv_heads=2,
+        text_intermediate_size=384, text_head_dim=32, mrope_section=(4, 6, 6), rope_theta=10_000.0,
+    ),
+    # The second small model: the first one's vision tower (same sizes) and an 8-layer text decoder,
+    # grown from the first one's 4 layers (`grow_weights`), pruned after layer 1.
+    "small-v2": TinySpec(
+        vision_depth=4, vision_hidden_size=128, vision_num_heads=4, vision_intermediate_size=256,
+        vision_fullatt_block_indexes=(1, 3), vision_window_size=112,
+        text_num_layers=8, text_hidden_size=128, text_num_heads=4, text_num_kv_heads=2,
         text_intermediate_size=384, text_head_dim=32, mrope_section=(4, 6, 6), rope_theta=10_000.0,
     ),
     "test": TinySpec(rope_theta=10_000.0),  # the 0.34M-parameter default, for unit tests
@@ -143,6 +152,11 @@ class TrainConfig:
     prune_layer: int = 2  # 0-based K: pruned tokens leave after layer K, as in the engine
     prune_extra_max: float = 0.25  # besides the box tokens, keep a random U(0, this) share of the others
     init_from: str = ""  # a saved model dir (e.g. the shipped one) to continue from: its weights replace the init
+    world: str = "v1"  # "v1": the 224 px world of the first model; "v2": `workers.toyworld.v2_world` (336 px, region questions)
+    grow_from: str = ""  # a saved model dir with fewer text layers: its layers become layers grow_offset.. (`grow_weights`)
+    grow_offset: int = 2  # index of the first grown-into layer; the others start as identity (zero output projections)
+    shield_layer: int = -1  # >= 0: penalise visual attention of text (and visual) queries in layers 0..this (`shield_losses`)
+    shield_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -155,12 +169,27 @@ class TrainConfig:
                              f"{HELDOUT_SEED}..{HELDOUT_SEED + len(QTYPES) - 1}")
         if not 1 <= self.start_max_objects <= MAX_OBJECTS:
             raise ValueError(f"start_max_objects must be in 1..{MAX_OBJECTS}, got {self.start_max_objects}")
+        if self.world not in ("v1", "v2") or (self.world == "v2" and self.image_size != 336):
+            raise ValueError(f"world must be v1 or v2 (v2 needs image_size 336), got {self.world}, {self.image_size}")
         if not 0 <= self.vision_warmup_steps < self.steps:
             raise ValueError(f"vision_warmup_steps {self.vision_warmup_steps} must be in [0, steps {self.steps})")
 
     @property
     def spec(self) -> TinySpec:
         return PRESETS[self.preset]
+
+    def make_world(self, seed: int, max_objects: int = MAX_OBJECTS,
+                   question_mix: tuple[tuple[str, float], ...] | None = None) -> WorldConfig:
+        """The training world (v1 or v2) with this seed, object cap and mix (default: the run's)."""
+        mix = question_mix or self.question_mix
+        if self.world == "v2":
+            return dataclasses.replace(v2_world(seed, max_objects), question_mix=mix)
+        return WorldConfig(image_size=self.image_size, max_objects=max_objects, question_mix=mix, seed=seed)
+
+    def processor_pixels(self) -> dict:
+        """Processor bounds: v2 pins min = max = the training size, so every image is seen at it."""
+        pixels = self.image_size**2
+        return {"min_pixels": pixels, "max_pixels": pixels} if self.world == "v2" else {"max_pixels": pixels}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +208,7 @@ def scheduled_floor(cfg: TrainConfig, step: int) -> int:
 def training_samples(cfg: TrainConfig, step: int, max_objects: int) -> list[Sample]:
     """The batch of `step` (scenes step * batch_size + i, `questions_per_image` questions each) with
     at most `max_objects` objects: a pure function of its arguments, which makes resuming exact."""
-    world = WorldConfig(image_size=cfg.image_size, max_objects=max_objects,
-                        question_mix=cfg.question_mix, seed=cfg.seed)
+    world = cfg.make_world(cfg.seed, max_objects)
     vision_phase = step < cfg.vision_warmup_steps
     scenes = cfg.vision_batch_size if vision_phase else cfg.batch_size
     questions = 1 if vision_phase else cfg.questions_per_image
@@ -188,15 +216,20 @@ def training_samples(cfg: TrainConfig, step: int, max_objects: int) -> list[Samp
     return [q for i in range(first, first + scenes) for q in scene_questions(world, i, questions)]
 
 
-def heldout_samples(image_size: int, per_type: int) -> dict[str, list[Sample]]:
-    """`per_type` samples of each question type from the default world (1..12 objects).
+def heldout_samples(image_size: int, per_type: int, world: WorldConfig | None = None) -> dict[str, list[Sample]]:
+    """`per_type` samples of each question type from the default world (1..12 objects), or from `world`
+    (its types only).
 
-    Type k is drawn from its own world (seed HELDOUT_SEED + k, only that type in the mix); an
-    attribute question with no askable object falls back to counting and is skipped.
+    Type k is drawn from its own world (seed HELDOUT_SEED + k, only that type in the mix); a
+    question that falls back to another type (no askable object) is skipped.
     """
     out = {}
+    base = world or WorldConfig(image_size=image_size)
+    qtypes = [q for q in QTYPES if world is None or q in dict(world.question_mix)]
     for k, qtype in enumerate(QTYPES):
-        world = WorldConfig(image_size=image_size, question_mix=((qtype, 1.0),), seed=HELDOUT_SEED + k)
+        if qtype not in qtypes:
+            continue
+        world = dataclasses.replace(base, question_mix=((qtype, 1.0),), seed=HELDOUT_SEED + k)
         picked: list[Sample] = []
         index = 0
         while len(picked) < per_type:
@@ -215,7 +248,7 @@ _WORKER_ENCODER: BatchEncoder | None = None
 def _init_worker(cfg: TrainConfig) -> None:
     global _WORKER_ENCODER
     torch.set_num_threads(1)
-    _WORKER_ENCODER = BatchEncoder(build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec))
+    _WORKER_ENCODER = BatchEncoder(build_processor(**cfg.processor_pixels(), spec=cfg.spec))
 
 
 def _encode_in_worker(cfg: TrainConfig, step: int, max_objects: int) -> TrainBatch:
@@ -303,6 +336,7 @@ class StepOutput:
     word_loss: float = float("nan")
     word_acc: float = float("nan")  # question words whose multi-label target is predicted exactly
     attn_mass: float = float("nan")  # supervised heads' attention share on the relevant boxes (lookup loss)
+    shield_share: float = float("nan")  # visual attention share of shielded queries in layers 0..K (shield loss)
 
 
 def cell_losses(heads: AuxHeads, tokens: torch.Tensor, batch: TrainBatch,
@@ -447,10 +481,85 @@ def lookup_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch
     return -on_box.mean(), float(on_box.detach().exp().mean())
 
 
+def shield_losses(model, layer_inputs: Sequence[torch.Tensor], positions: torch.Tensor, batch: TrainBatch,
+                  last_layer: int) -> tuple[torch.Tensor, float]:
+    """No text-side shortcut before the pruning layer: -log(1 - visual attention share), in layers 0..K.
+
+    Queries: the prompt's text tokens after the first image (the question, the answer slot) and the
+    visual tokens; keys they must not read: every visual token (a visual query's own position
+    excepted). The shares come from the stock attention of each layer (its own projections and
+    M-RoPE, causal and padding masks), so what is trained is what the engine runs.
+
+    Why: the engine prunes visual tokens after layer K = `last_layer`, but in layers 0..K the prompt
+    sees all of them. The first small model (lookup supervision at K) learnt to copy the answer into
+    the question's tokens there, so keeping exactly the wrong tokens changed ~1% of its answers. With
+    these shares near 0, what the answer knows about the image must come through the tokens kept after
+    K, and visual tokens cannot gather their neighbours' content before K either.
+    Returns the mean loss and the mean share (a diagnostic).
+    """
+    from workers.modeling.qwen2_5_vl import _rotate_half
+
+    lm = model.model.language_model
+    is_image = batch.input_ids == model.config.image_token_id  # [B, L]
+    real = batch.attention_mask.bool()
+    text_q = real & ~is_image & (torch.cumsum(is_image.int(), dim=1) > 0) & (batch.labels == IGNORE_INDEX)
+    queries = text_q | is_image  # [B, L]
+    length = is_image.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=is_image.device).tril()
+    allowed = causal[None] & real[:, None, :]  # [B, L(q), L(k)]
+    own = torch.eye(length, dtype=torch.bool, device=is_image.device)[None]
+    shielded = (is_image[:, None, :] & ~own).unsqueeze(1)  # [B, 1, Lq, Lk]
+    losses, shares = [], []
+    for i in range(last_layer + 1):
+        layer = lm.layers[i]
+        attn = layer.self_attn
+        x = layer.input_layernorm(layer_inputs[i])  # [B, L, D]
+        cos, sin = lm.rotary_emb(x, positions)  # [B, L, hd]
+        b = x.shape[0]
+        q = attn.q_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)  # [B, h, L, hd]
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)  # [B, kvh, L, hd]
+        q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+        k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = (q @ k.transpose(-1, -2)) / attn.head_dim**0.5  # [B, h, Lq, Lk]
+        probs = torch.softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+        share = (probs * shielded).sum(-1)  # [B, h, L]
+        picked = share.transpose(1, 2)[queries]  # [Q, h]
+        losses.append(-torch.log1p(-picked.clamp(max=1 - 1e-4)).mean())
+        shares.append(float(picked.detach().mean()))
+    return torch.stack(losses).mean(), sum(shares) / len(shares)
+
+
+def grow_weights(model, directory: Path, offset: int) -> None:
+    """Initialise `model` from a saved model with fewer text layers: its text layer i becomes layer
+    i + offset, everything else (vision tower, embeddings, norm, head) is copied; the remaining layers
+    start as identity maps (zero attention-output and MLP-down projections: the residual passes
+    through), so the grown model first computes exactly what the saved one did."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(directory), dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    prefix = "model.language_model.layers."
+    mapped = {}
+    for key, value in saved.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            key = f"{prefix}{int(index) + offset}.{rest}"
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"cannot grow from {directory}: {key} {tuple(value.shape)} has no place in this model")
+        mapped[key] = value
+    for key in own.keys() - mapped.keys():
+        if not key.startswith(prefix):
+            raise ValueError(f"cannot grow from {directory}: it has no {key}")
+        if key.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            mapped[key] = torch.zeros_like(own[key])
+    model.load_state_dict({**own, **mapped}, strict=True)
+
+
 def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, heads: AuxHeads | None = None,
                   word_layer: int = 2, attn: tuple[int, int] | None = None,
-                  prune: tuple[torch.Tensor, int] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, tuple | None]:
+                  prune: tuple[torch.Tensor, int] | None = None, shield_layer: int = -1,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, tuple | None, tuple | None]:
     """The language model on prompt + answer, run as in the engine's prefill: token embeddings with
     the image tokens' rows replaced by the vision tower's merged tokens (each row gets its image's,
     `image_index`), stock M-RoPE positions from `get_rope_index`, the stock decoder stack.
@@ -472,7 +581,8 @@ def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, h
         hidden, layer_inputs = run_pruned(model, embeds, batch.attention_mask, positions, prune[0], answer_rows, prune[1])
     else:
         out = inner.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions,
-                                   use_cache=False, output_hidden_states=heads is not None or attn is not None)
+                                   use_cache=False,
+                                   output_hidden_states=heads is not None or attn is not None or shield_layer >= 0)
         hidden, layer_inputs = out.last_hidden_state, out.hidden_states  # [B, L, D]; [l] = input of layer l
     word_loss, word_acc = hidden.new_zeros(()), float("nan")
     if heads is not None:
@@ -480,6 +590,7 @@ def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, h
     lookup = None
     if attn is not None:
         lookup = lookup_losses(model, layer_inputs[attn[0]], positions, batch, *attn)
+    shield = shield_losses(model, layer_inputs, positions, batch, shield_layer) if shield_layer >= 0 else None
     targets = batch.labels[:, 1:]  # position t predicts token t + 1
     scored = targets != IGNORE_INDEX  # [B, L-1]
     logits = model.lm_head(hidden[:, :-1][scored])  # [T, V]
@@ -490,7 +601,7 @@ def answer_losses(model, per_image: Sequence[torch.Tensor], batch: TrainBatch, h
     zeros = per_token.new_zeros(len(counts))
     loss = (zeros.index_add(0, rows, per_token) / counts).mean()
     wrong = zeros.index_add(0, rows, (logits.argmax(-1) != wanted).float())
-    return loss, wrong == 0, word_loss, word_acc, lookup
+    return loss, wrong == 0, word_loss, word_acc, lookup, shield
 
 
 def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
@@ -515,15 +626,18 @@ def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
         rows = torch.rand(len(batch.input_ids), generator=generator) < cfg.prune_rows
         drop = pruned_masks(batch, is_image.cpu(), rows, cfg.prune_extra_max, generator).to(is_image.device)
         prune = (drop, cfg.prune_layer)
-    lm_loss, correct, word_loss, word_acc, lookup = answer_losses(model, per_image, batch, word_heads,
-                                                                  cfg.word_layer, lookup_at, prune)
-    attn_mass = float("nan")
+    lm_loss, correct, word_loss, word_acc, lookup, shield = answer_losses(
+        model, per_image, batch, word_heads, cfg.word_layer, lookup_at, prune, cfg.shield_layer)
+    attn_mass = shield_share = float("nan")
+    if shield is not None:
+        loss = loss + cfg.shield_weight * shield[0]
+        shield_share = shield[1]
     if lookup is not None:
         loss = loss + cfg.attn_loss_weight * lookup[0]
         attn_mass = lookup[1]
     return StepOutput(loss + lm_loss + cfg.word_loss_weight * word_loss, float(lm_loss.detach()),
                       float(cell_loss.detach()), shape_acc, colour_acc, correct.cpu(),
-                      float(word_loss.detach()), word_acc, attn_mass)
+                      float(word_loss.detach()), word_acc, attn_mass, shield_share)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -583,7 +697,7 @@ def teacher_forced_accuracy(model, heads, encoder: BatchEncoder, heldout: dict[s
 
 
 def engine_accuracy(model_dir: str | Path, per_type: int, image_size: int = 224,
-                    batch_size: int = 50) -> dict[str, dict]:
+                    batch_size: int = 50, world: WorldConfig | None = None) -> dict[str, dict]:
     """Reload `model_dir` and ask the held-out questions through `GlimpseEngine` (greedy, no pruning).
 
     Returns {qtype: {"accuracy", "n", "wrong_examples"}}; an answer counts when the stripped text equals
@@ -599,7 +713,7 @@ def engine_accuracy(model_dir: str | Path, per_type: int, image_size: int = 224,
     engine = GlimpseEngine(model.float().eval(), load_processor(model_dir))
     sampling = SamplingParams(max_new_tokens=64)
     results = {}
-    for qtype, samples in heldout_samples(image_size, per_type).items():
+    for qtype, samples in heldout_samples(image_size, per_type, world).items():
         answers = []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -717,11 +831,11 @@ def _log_window(cfg: TrainConfig, state: RunState, lr: float, outs: Sequence[Ste
     answered = [o for o in outs if o.correct is not None]
     train_acc = mean([float(o.correct.float().mean()) for o in answered]) if answered else float("nan")
     log.info("step %d/%d lr %.2e lm %.4f cell %.4f shape %.3f colour %.3f word %.4f word_acc %.3f "
-             "box_attn %.3f train_acc %.3f cap %d %.2fs/step",
+             "box_attn %.3f shield %.4f train_acc %.3f cap %d %.2fs/step",
              state.step, cfg.steps, lr, mean([o.lm_loss for o in outs]), mean([o.cell_loss for o in outs]),
              mean([o.shape_acc for o in outs]), mean([o.colour_acc for o in outs]),
              mean([o.word_loss for o in outs]), mean([o.word_acc for o in outs]),
-             mean([o.attn_mass for o in outs]), train_acc,
+             mean([o.attn_mass for o in outs]), mean([o.shield_share for o in outs]), train_acc,
              _cap_for(cfg, state, state.step - 1), (time.perf_counter() - t0) / len(outs))
 
 
@@ -744,12 +858,15 @@ def train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool = Fals
 
 
 def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> RunState:
-    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    processor = build_processor(**cfg.processor_pixels(), spec=cfg.spec)
     encoder = BatchEncoder(processor)
     model = build_tiny_model(cfg.spec, seed=cfg.seed).to(cfg.device)
     if cfg.init_from and not (resume and (checkpoint_dir / CHECKPOINT_FILE).exists()):
         load_weights(model, Path(cfg.init_from))
         log.info("initialised the model from %s", cfg.init_from)
+    if cfg.grow_from and not (resume and (checkpoint_dir / CHECKPOINT_FILE).exists()):
+        grow_weights(model, Path(cfg.grow_from), cfg.grow_offset)
+        log.info("grew the model from %s (its text layers -> %d..)", cfg.grow_from, cfg.grow_offset)
     heads = build_heads(cfg)
     optimizer = build_optimizer(model, heads, cfg)
     ckpt = checkpoint_dir / CHECKPOINT_FILE
@@ -759,7 +876,7 @@ def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> R
         log.info("resumed from %s at step %d (%.0f s spent)", ckpt, state.step, state.elapsed_s)
     elif resume:
         log.info("no checkpoint at %s; starting from step 0", ckpt)
-    heldout = heldout_samples(cfg.image_size, cfg.eval_per_type)
+    heldout = heldout_samples(cfg.image_size, cfg.eval_per_type, cfg.make_world(0) if cfg.world == "v2" else None)
     start_time, window, window_t0 = time.perf_counter() - state.elapsed_s, [], time.perf_counter()
     cpu_start = time.process_time() - state.cpu_s
     feeder = BatchFeeder(cfg, encoder)
@@ -791,6 +908,8 @@ def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> R
     state.elapsed_s = time.perf_counter() - start_time
     state.cpu_s = time.process_time() - cpu_start
     export_model(model.cpu(), processor, out)
+    if cfg.world == "v2":
+        save_world(cfg.make_world(cfg.seed), out)
     return state
 
 
@@ -864,7 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_eval = None
     if not args.skip_engine_eval and cfg.final_eval_per_type > 0:
         t0 = time.perf_counter()
-        engine_eval = engine_accuracy(args.out, cfg.final_eval_per_type, cfg.image_size)
+        engine_eval = engine_accuracy(args.out, cfg.final_eval_per_type, cfg.image_size,
+                                      world=cfg.make_world(0) if cfg.world == "v2" else None)
         log.info("engine eval (%d per type, %.0f s): %s", cfg.final_eval_per_type, time.perf_counter() - t0,
                  " ".join(f"{k} {v['accuracy']:.3f}" for k, v in engine_eval.items()))
     if not args.keep_checkpoints and checkpoint_dir.exists():
