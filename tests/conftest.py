@@ -4,7 +4,8 @@
 for MinIO/Ceph/R2. Fake credentials are set in the environment only while the fixture is alive and
 restored afterwards; tests using the fixture get the `integration` marker automatically.
 `fault_proxy`: a fault-injecting reverse proxy (tests/faultproxy.py) in front of that server, per test.
-`http_files`: a directory served over http:// on 127.0.0.1, per test (image URLs).
+`http_files`: a directory served over http:// on 127.0.0.1, per test (image URLs); `http_fault_proxy`: a
+fault proxy in front of it.
 """
 from __future__ import annotations
 
@@ -171,6 +172,18 @@ def http_files(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture()
+def http_fault_proxy(http_files):
+    """A `faultproxy.FaultProxy` in front of `http_files` (image URLs: `http_fault_proxy.url + "/name"`)."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(http_files.base_url, lifetime_s=900).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 def pytest_collection_modifyitems(config, items):
