@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
-from workers.toyworld import WorldConfig, Sample, make_sample
+from workers.toyworld import WorldConfig, Sample, load_world, make_sample
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
@@ -473,6 +473,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src.add_argument("--jsonl", type=Path, help="Visual-CoT style JSONL (question, answer, image, bboxs xyxy px)")
     p.add_argument("--image-root", type=Path, help="directory the JSONL image paths are relative to")
     world = p.add_argument_group("synthetic world")
+    world.add_argument("--world-from-base", action="store_true",
+                       help="the base model's own world (its world.json, seed --world-seed); the size/object flags are ignored")
     world.add_argument("--image-size", type=int, default=224)
     world.add_argument("--min-objects", type=int, default=1)
     world.add_argument("--max-objects", type=int, default=12)
@@ -520,6 +522,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.synthetic:
         world = WorldConfig(image_size=args.image_size, min_objects=args.min_objects,
                             max_objects=args.max_objects, seed=args.world_seed)
+        if args.world_from_base:
+            world = load_world(resolve_dir(args.base), seed=args.world_seed)
         source = SyntheticSource(world, args.train_rows)
     else:
         source = VisualCoTSource(args.jsonl, args.image_root)
