@@ -1,73 +1,180 @@
 """Job = YAML -> JobSpec -> plan -> run. Only `run_job` has side effects (Ray, I/O).
 
-The plan, as Ray Data stages:
-  read_parquet(shards, include_paths)     one block per shard, repartitioned so the pool can scale
-  -> map_batches(decode_batch)            CPU tasks: decode, guard, resize, count visual tokens
-  -> map_batches(GlimpseUDF, actors)      the model stage (one model per actor, adaptive batching)
-  -> groupby(path).map_groups(write)      one output file set + completion marker per input shard
-then `_summary.json` and `_SUCCESS` (last). Shards that cannot be read (or lack the id/image
-columns) are reported one line each and left out; the run then ends without `_SUCCESS`, and a
-`skip_existing` re-run processes just those once fixed.
+The plan (`make_plan`, no Ray, no writes): list the input shards, refuse an output that overlaps the
+input, inspect every shard on its own (a bad one is one failed-shard line, the rest go on), compare
+each with its record (fingerprint: `pipeline.state`) and with what an interrupted run already staged,
+and cut the rows still to compute into work units.
+
+The data path, as Ray Data stages, streaming end to end (no shuffle, nothing returns to the driver but
+one small stats row per written part):
+  from_items(units) -> read_stage (CPU tasks: rows of one shard, image stage, one internal schema)
+  -> GlimpseUDF (actor pool: the model, adaptive batching)
+  -> write_stage (CPU tasks: parts under `_staging/`, deterministic names)
+The driver counts durable rows per shard and commits a shard (final files + record) as soon as all its
+rows are durable; `_summary.json` and (when everything is complete) `_SUCCESS` come last.
+
+Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`): it needs a plan that ends in a
+Ray Data write with one id column over the whole dataset (our ids are per-shard and may repeat or be
+null, and the output is per-shard files with records and fingerprints), and its filter actor pool
+(>= 1 CPU, 1 GiB each) starves 2-CPU nodes next to the model actor (platform notes). Row identity here
+is (shard key, row index), which needs neither.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline import storage, writer
-from pipeline.images import ImageStageConfig, decode_batch
+from pipeline import shards, state, storage, writer
+from pipeline.images import ImageStageConfig
+from pipeline.progress import Progress
+from pipeline.stages import ReadContext, read_stage, write_stage
 from schemas.job import JobSpec, redact_url
 from schemas.rows import settings_values
 
 log = logging.getLogger(__name__)
-PATH_COLUMN = "path"
+READ_TASK_MEMORY = 256 * 1024**2  # bytes reserved per read/decode task
+
+
+class RunRefused(RuntimeError):
+    """The run must not start (overlapping input/output, output in use)."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: what was durable stays valid; `summary` says how far it got."""
+
+    def __init__(self, summary: dict):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+@dataclass
+class ShardPlan:
+    info: shards.ShardInfo
+    fingerprint: str
+    source: dict
+    rows: int  # rows of the shard this job processes (input.limit may cut the last one)
+    resumed: int  # rows already staged by an interrupted run (not recomputed)
+    units: list = field(default_factory=list)
+    durable: int = 0  # rows durable so far (resumed + written by this run)
+
+    def __post_init__(self) -> None:
+        self.durable = self.resumed
+
+    @property
+    def pending(self) -> int:
+        return self.rows - self.resumed
 
 
 @dataclass
 class Plan:
     """What a run will do, decided before Ray starts."""
 
-    shards: list  # URLs to process
-    keys: dict  # URL -> output key
-    skipped: list = field(default_factory=list)  # URLs already done (skip_existing)
-    bad: dict = field(default_factory=dict)  # URL -> one-line reason
+    settings: dict
+    generation: str  # shared by runs that continue one another (pipeline.state)
+    continues: bool  # this run continues an unfinished earlier one
+    todo: list  # ShardPlan
+    keys: dict  # url -> key (all listed shards)
+    skipped: list = field(default_factory=list)  # keys complete under the same fingerprint
+    redo: dict = field(default_factory=dict)  # key -> why its earlier output is not reused
+    bad: dict = field(default_factory=dict)  # url -> one-line reason
+
+    @property
+    def shards(self) -> list:
+        return [sp.info.url for sp in self.todo]
+
+    def describe(self) -> dict:
+        return {"shards": [redact_url(u) for u in self.shards], "rows_to_compute": sum(sp.pending for sp in self.todo),
+                "rows_resumed": sum(sp.resumed for sp in self.todo), "skipped": self.skipped, "redo": self.redo,
+                "bad": {redact_url(u): why for u, why in self.bad.items()}}
 
 
-def make_plan(job: JobSpec) -> Plan:
-    """List and check the input shards; no Ray, no writes."""
+def check_ownership(job: JobSpec) -> None:
+    if storage.overlaps(job.input.uri, job.output.uri):
+        raise RunRefused(f"output.uri {redact_url(job.output.uri)} overlaps input.uri {redact_url(job.input.uri)} "
+                         f"(same location, or one inside the other): choose an output outside the input")
+
+
+def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:
+    """List, check and compare the input shards; no Ray, no writes."""
+    check_ownership(job)
     urls = storage.list_shards(job.input.uri, job.input.storage)
     keys = writer.shard_keys(urls, job.input.uri)
-    done = writer.completed_shards(job.output) if job.output.mode == "skip_existing" else set()
-    plan = Plan(shards=[], keys=keys)
-    for url in urls:
-        if keys[url] in done:
-            plan.skipped.append(url)
+    settings = state.settings_fingerprint_fields(job)
+    records = state.read_records(job.output)
+    earlier = state.generation_to_continue(state.read_run_marker(job.output), settings)
+    plan = Plan(settings=settings, generation=earlier or uuid.uuid4().hex[:12], continues=earlier is not None,
+                todo=[], keys=keys)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        inspected = list(pool.map(lambda u: _inspect(u, keys[u], job), urls))
+    budget = job.input.limit
+    for url, result in zip(urls, inspected):
+        if isinstance(result, str):
+            plan.bad[url] = result
             continue
-        problem = _shard_problem(url, job)
-        if problem:
-            plan.bad[url] = problem
-        else:
-            plan.shards.append(url)
+        rows = result.num_rows if budget is None else min(result.num_rows, budget)
+        if budget is not None:
+            budget -= rows
+        source = state.input_fingerprint(result.size, result.version, rows)
+        fingerprint = state.shard_fingerprint(settings, source)
+        record = records.get(result.key)
+        reusable = job.output.mode == "skip_existing" or (record or {}).get("generation") == plan.generation
+        if record and record.get("fingerprint") == fingerprint and record.get("complete") and reusable:
+            plan.skipped.append(result.key)
+            continue
+        if record and job.output.mode == "skip_existing":
+            plan.redo[result.key] = ("earlier run left transient failures" if record.get("fingerprint") == fingerprint
+                                     else state.what_changed(record, settings, source))
+        durable = {r for r in state.durable_rows(job.output, result.key, fingerprint) if r < rows}
+        sp = ShardPlan(info=result, fingerprint=fingerprint, source=source, rows=rows, resumed=len(durable))
+        sp.units = _units(sp, durable, block_rows or _block_rows(job))
+        plan.todo.append(sp)
     return plan
 
 
-def _shard_problem(url: str, job: JobSpec) -> Optional[str]:
-    fs, path = storage.pyarrow_filesystem(url, job.input.storage)
+def _inspect(url: str, key: str, job: JobSpec):
     try:
-        schema = pq.read_schema(path, filesystem=fs)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
-        return f"not a readable Parquet file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    cols = job.input.columns
-    missing = [c for c in (cols.id, cols.image) if c not in schema.names]
-    if missing:
-        return f"missing column(s) {missing} (has {schema.names}); set input.columns"
-    return None
+        return shards.inspect_shard(url, key, job.input.columns, job.input.storage)
+    except shards.ShardProblem as exc:
+        return str(exc)
+
+
+def _block_rows(job: JobSpec) -> int:
+    return max(4 * job.batching.max_rows, 16)
+
+
+def _units(sp: ShardPlan, durable: set, block_rows: int) -> list[dict]:
+    """Work units: runs of consecutive row groups (about 4 blocks each) with the rows still to do."""
+    units, group, first, wanted_all = [], [], 0, []
+    for index, start, end in shards.row_group_spans(sp.info):
+        end = min(end, sp.rows)
+        if start >= end:
+            break
+        if not group:
+            first = start
+        group.append(index)
+        wanted_all += [r for r in range(start, end) if r not in durable]
+        if end - first >= 4 * block_rows:
+            units.append(_unit(sp, group, first, wanted_all))
+            group, wanted_all = [], []
+    if group:
+        units.append(_unit(sp, group, first, wanted_all))
+    return [u for u in units if u["wanted"] is None or u["wanted"]]
+
+
+def _unit(sp: ShardPlan, group: list, first: int, wanted: list) -> dict:
+    last_row = first + sum(sp.info.row_groups[i] for i in group)
+    complete = len(wanted) == last_row - first
+    return {"url": sp.info.url, "key": sp.info.key, "row_groups": list(group), "first_row": first,
+            "wanted": None if complete else wanted}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray
 
 
 def start_ray(job: JobSpec) -> None:
@@ -88,91 +195,212 @@ def credential_env(job: JobSpec) -> dict:
     names = set()
     for opts in (job.input.storage, job.output.storage):
         names.update(n for n in (opts.key_env, opts.secret_env, opts.token_env) if n)
+    names.update(n for n in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE") if os.environ.get(n))
     return {n: os.environ[n] for n in sorted(names) if os.environ.get(n)}
 
 
-def _with_env(env: dict) -> None:
-    for name, value in env.items():
-        os.environ.setdefault(name, value)
-
-
-def decode_stage(batch: pa.Table, config: ImageStageConfig, env: dict) -> pa.Table:
-    _with_env(env)
-    return decode_batch(batch, config)
-
-
-def build_dataset(job: JobSpec, plan: Plan):
-    """The Ray Data plan (lazy)."""
+def build_dataset(job: JobSpec, plan: Plan, run_id: str):
+    """The Ray Data plan (lazy): read -> image stage -> model -> staged parts."""
     import ray
 
     from workers.generate import GlimpseUDF
 
-    fs, _ = storage.pyarrow_filesystem(plan.shards[0], job.input.storage)
-    paths = [storage.pyarrow_filesystem(u, job.input.storage)[1] for u in plan.shards]
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-    if job.input.limit:
-        ds = ds.limit(job.input.limit)
-    b, r = job.batching, job.resources
-    rows_per_block = max(4 * b.max_rows, 16)
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    units = [u for sp in plan.todo for u in sp.units]
     env = credential_env(job)
-    ds = ds.map_batches(decode_stage, fn_kwargs={"config": ImageStageConfig.from_job(job), "env": env},
-                        batch_format="pyarrow", batch_size=rows_per_block, num_cpus=0.5)
+    block_rows = _block_rows(job)
+    read = ReadContext(image=ImageStageConfig.from_job(job), storage=job.input.storage, block_rows=block_rows, env=env)
+    parts = writer.PartContext(output=job.output, run_id=run_id, fingerprints={sp.info.key: sp.fingerprint for sp in plan.todo})
+    r = job.resources
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # The memory reservation (besides sizing decode tasks) keeps Ray from fusing the read stage into
+    # the model actors: fused, image decoding would run serially with the model.
+    ds = ds.map_batches(read_stage, fn_kwargs={"context": read}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=0.5, memory=READ_TASK_MEMORY)
     ds = ds.map_batches(
-        GlimpseUDF, fn_constructor_kwargs={"job": job, "env": env}, batch_format="pyarrow", batch_size=rows_per_block,
+        GlimpseUDF, fn_constructor_kwargs={"job": job, "env": env}, batch_format="pyarrow", batch_size=block_rows,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         num_gpus=r.num_gpus_per_actor, num_cpus=r.num_cpus_per_actor,
     )
-    path_keys = {paths[i]: plan.keys[u] for i, u in enumerate(plan.shards)}
-    partitions = max(1, min(len(plan.shards), 64))  # Ray's default of 200 costs seconds per tiny job
-    return ds.groupby(PATH_COLUMN, num_partitions=partitions).map_groups(
-        write_group, fn_kwargs={"job": job, "path_keys": path_keys, "env": env}, batch_format="pyarrow", num_cpus=0.25
-    )
+    return ds.map_batches(write_stage, fn_kwargs={"context": parts, "env": env}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=0.25)
 
 
-def write_group(group: pa.Table, job: JobSpec, path_keys: dict, env: dict) -> pa.Table:
-    """Write one input shard's rows (sorted by id for a stable file) and return its stats row."""
-    _with_env(env)
-    path = group.column(PATH_COLUMN)[0].as_py()
-    key = path_keys.get(path) or path_keys[_match_path(path, path_keys)]
-    table = writer.output_table(group, settings_values(job), drop=[PATH_COLUMN])
-    # Ray unifies the schemas of all shards; a column from another shard is null here, so nothing
-    # may stay declared non-nullable.
-    table = table.cast(pa.schema([f.with_nullable(True) for f in table.schema]))
-    table = table.sort_by("id") if pa.types.is_string(table.schema.field("id").type) or pa.types.is_integer(table.schema.field("id").type) else table
-    stats = writer.write_shard(table, job.output, key, source=path)
-    pads = table.column("pad_fraction").drop_null().to_pylist()
-    return pa.table({"key": [key], "rows": [stats.rows_total], "pad_sum": [float(sum(pads))], "pad_rows": [len(pads)]})
+# ---------------------------------------------------------------------------------------------------
+# The run
 
 
-def _match_path(path: str, path_keys: dict) -> str:
-    for candidate in path_keys:
-        if candidate.endswith(path) or path.endswith(candidate):
-            return candidate
-    raise KeyError(f"row path {path!r} matches no planned shard")
+@dataclass
+class _Tally:
+    """Driver-side counters of this run (from the write tasks' stats rows)."""
+
+    rows: int = 0
+    errors: int = 0
+    transient: int = 0
+    pad_sum: float = 0.0
+    pad_rows: int = 0
+    kept_tokens: int = 0
+    visual_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, row: dict) -> None:
+        self.rows += row["rows"]
+        self.errors += row["errors"]
+        self.transient += row["transient"]
+        self.pad_sum += row["pad_sum"]
+        self.pad_rows += row["pad_rows"]
+        self.kept_tokens += row["kept_tokens"]
+        self.visual_tokens += row["visual_tokens"]
+        self.output_tokens += row["output_tokens"]
 
 
-def run_job(job: JobSpec) -> dict[str, Any]:
-    """Run a validated job end to end; returns the summary (also written next to the data)."""
+class _Committer:
+    """Commits shards in a background thread as they become complete; removes `_SUCCESS` first."""
+
+    def __init__(self, job: JobSpec, plan: Plan, run_id: str):
+        self.job, self.plan, self.run_id = job, plan, run_id
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.futures: dict[str, Future] = {}
+        self.settings = settings_values(job)
+        self._success_removed = False
+        self._results: dict[str, Any] = {}
+
+    def submit(self, sp: ShardPlan) -> None:
+        if not self._success_removed:
+            storage.remove(storage.join_url(self.job.output.uri, state.SUCCESS_NAME), self.job.output.storage)
+            self._success_removed = True
+        record = {"source": redact_url(sp.info.url), "fingerprint": sp.fingerprint, "input": sp.source,
+                  "settings": self.plan.settings, "generation": self.plan.generation}
+        self.futures[sp.info.key] = self.pool.submit(
+            writer.commit_shard, self.job.output, sp.info.key, fingerprint=sp.fingerprint, num_rows=sp.rows,
+            run_id=self.run_id, record=record, settings=self.settings)
+
+    def results(self) -> dict[str, Any]:
+        """Wait for every submitted commit (idempotent); {key: CommitResult}."""
+        out = self._results
+        for key, future in [(k, f) for k, f in self.futures.items() if k not in out]:
+            try:
+                out[key] = future.result()
+            except Exception as exc:  # noqa: BLE001 - one shard's failed commit is that shard's failure
+                log.error("commit of shard %s failed: %s", key, exc, exc_info=True)
+                out[key] = writer.CommitResult(key, 0, False, [], writer.RunStats(), problem=f"commit failed: {exc}")
+        self.pool.shutdown()
+        return out
+
+
+def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
+    """Run a validated job end to end; returns the summary (also written next to the data).
+
+    Raises RunRefused (overlap, output in use), FileNotFoundError (no input), Interrupted (Ctrl-C)."""
     start = time.perf_counter()
     plan = make_plan(job)
     for url, reason in plan.bad.items():
-        log.error("shard %s skipped: %s", url, reason)
-    writer.prepare_output(job.output)
-    written: list = []
-    if plan.shards:
+        log.error("shard %s failed: %s", redact_url(url), reason)
+    for key, reason in plan.redo.items():
+        log.warning("shard %s is redone: %s", key, reason)
+    try:
+        lease = state.Lease(job.output).acquire()
+    except state.OutputBusy as exc:
+        raise RunRefused(str(exc)) from None
+    committer = _Committer(job, plan, lease.run_id)
+    tally = _Tally()
+    total = sum(sp.pending for sp in plan.todo)
+    progress = Progress(total, stream=progress_stream)
+    marker = {"generation": plan.generation, "run_id": lease.run_id, "settings": state.digest(plan.settings),
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "finished": False}
+    if plan.continues:
+        log.info("continuing the unfinished run of generation %s", plan.generation)
+    try:
+        state.write_run_marker(job.output, marker)
+        _finish_earlier_commits(job)
+        interrupted = _execute(job, plan, lease.run_id, committer, tally, progress)
+        commits = committer.results()
+        summary = _summary(job, plan, commits, tally, progress, time.perf_counter() - start, interrupted)
+        if interrupted:
+            raise Interrupted(summary)
+        state.write_run_marker(job.output, dict(marker, finished=True))
+        return summary
+    finally:
+        committer.results()  # a crash still finishes the commits already under way
+        lease.release()
+
+
+def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tally: _Tally, progress: Progress) -> bool:
+    """Stream the rows through Ray Data, committing shards as they complete. True if interrupted."""
+    remaining = {sp.info.key: sp for sp in plan.todo}
+    for sp in [sp for sp in plan.todo if sp.pending == 0]:
+        committer.submit(remaining.pop(sp.info.key))
+    if not remaining:
+        return False
+    try:
         start_ray(job)
-        written = build_dataset(job, plan).take_all()
-    stats = writer.collect_stats(job.output)
-    pad_rows = sum(r["pad_rows"] for r in written)
+        _quiet_ray_data()
+        for stats in build_dataset(job, plan, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in stats.to_pylist():
+                tally.add(row)
+                progress.add(row["rows"], row["errors"])
+                sp = remaining.get(row["key"])
+                if sp is None:
+                    continue
+                sp.durable += row["rows"]
+                if sp.durable >= sp.rows:
+                    committer.submit(remaining.pop(row["key"]))
+        progress.show(final=True)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _finish_earlier_commits(job: JobSpec) -> None:
+    """A run killed inside a commit: remove the files it wrote that no record names, and the files a
+    written record superseded."""
+    out = job.output
+    for key in state.pending_keys(out):
+        for name in state.abandoned_files(out, key):
+            storage.remove(storage.join_url(out.uri, name), out.storage)
+        storage.remove(state.pending_url(out, key), out.storage)
+    for key, record in state.read_records(out).items():
+        for name in record.get("superseded", []):
+            storage.remove(storage.join_url(out.uri, name), out.storage)
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[str, Any]:
+    records = state.read_records(job.output)
+    listed = {key for key in plan.keys.values()}
+    totals = writer.RunStats()
+    for key in sorted(listed & set(records)):
+        totals = totals + writer.RunStats.from_dict(records[key].get("stats", {}))
+    incomplete = [{"shard": key, "error": c.problem or f"{records.get(key, {}).get('transient_rows', 0)} row(s) failed "
+                   "for a transient reason (a re-run retries them)"} for key, c in commits.items() if not c.complete]
+    unfinished = [sp.info.key for sp in plan.todo if sp.info.key not in commits]
+    incomplete += [{"shard": key, "error": "not finished (run interrupted or stopped)"} for key in unfinished]
+    computed = max(wall_s, 1e-9)
     extra = {
         "shards_failed": [{"shard": redact_url(url), "error": why} for url, why in plan.bad.items()],
-        "mean_pad_fraction": (sum(r["pad_sum"] for r in written) / pad_rows) if pad_rows else None,
-        "shards_processed": len(written),
+        "shards_incomplete": incomplete,
+        "shards_processed": len(commits),
+        "shards_redone": plan.redo,
+        "duplicate_ids": sum(c.duplicate_ids for c in commits.values()),
+        "null_ids": sum(c.null_ids for c in commits.values()),
+        "mean_pad_fraction": tally.pad_sum / tally.pad_rows if tally.pad_rows else None,
+        "interrupted": interrupted,
+        "this_run": {
+            "rows_computed": tally.rows, "rows_resumed": sum(sp.resumed for sp in plan.todo),
+            "rows_error": tally.errors, "rows_transient": tally.transient,
+            "rows_per_s": tally.rows / computed, "tokens_per_s": tally.output_tokens / computed,
+            "first_durable_s": progress.first_durable_s,
+        },
     }
-    summary = writer.build_summary(stats, time.perf_counter() - start, job, shards_total=len(plan.keys),
-                                   shards_skipped=len(plan.skipped), extra=extra)
+    summary = writer.build_summary(totals, wall_s, job, shards_total=len(plan.keys), shards_skipped=len(plan.skipped), extra=extra)
+    summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
     summary["summary_url"] = writer.write_summary(job.output, summary)
-    if not plan.bad:
+    complete = not plan.bad and not incomplete and not interrupted and all(
+        records.get(k, {}).get("complete") for k in listed)
+    if complete:
         summary["success_url"] = writer.write_success(job.output)
     return summary

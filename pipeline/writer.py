@@ -1,19 +1,14 @@
-"""The last stage: processed rows -> output Parquet, per-shard markers, run summary, `_SUCCESS`.
-
-Output layout under `output.uri` (all names deterministic):
-  {key}-{chunk:05d}.parquet   the rows of input shard `key`, `output.rows_per_file` rows per file
-  _shards/{key}.json          completion marker of one shard (files, row counts), written after its data
-  _summary.json               run summary + redacted job spec
-  _SUCCESS                    written last; removed when a run starts
+"""The last stage: processed rows -> staged parts (streaming, in Ray tasks) -> per-shard commits
+(driver) -> run summary and `_SUCCESS`. The layout and its invariants: `pipeline.state`.
 
 `key` is the shard's path relative to the input root (the input directory, or the directory before the
 first wildcard of a glob), without `.parquet`, with '/' -> '__' and other unsafe characters -> '_'.
-It depends only on the shard's own name, so adding shards never renames old outputs, and
-`skip_existing` re-runs process exactly the shards without a marker.
+It depends only on the shard's own name, so adding shards never renames old outputs.
 
 Rows: `output_table` keeps `id`, the passthrough columns in input order, then `schemas.rows.OUTPUT_SCHEMA`
 (missing fixed columns get their defaults, the model/pruning settings are filled in), drops the
-stage columns, and enforces the status invariants (error rows have a message, ok rows none).
+stage columns, and enforces the status invariants (error rows have a message, ok rows none). Rows of a
+committed shard are in input order.
 """
 from __future__ import annotations
 
@@ -28,10 +23,18 @@ from typing import Any, Mapping, Optional, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
+from pipeline import state, storage
 from schemas.job import JobSpec, OutputSpec, redact_url
 from schemas.rows import (
     ID_COLUMN,
+    IMAGE_TOKENS_COLUMN,
+    IMAGES_COLUMN,
+    KEY_COLUMN,
+    PASSTHROUGH_COLUMN,
+    PROMPT_COLUMN,
+    READ_ERROR_COLUMN,
+    ROW_COLUMN,
+    TRANSIENT_COLUMN,
     OUTPUT_SCHEMA,
     RESERVED_COLUMNS,
     STATUS_ERROR,
@@ -42,9 +45,6 @@ from schemas.rows import (
 
 logger = logging.getLogger(__name__)
 
-SUCCESS_NAME = "_SUCCESS"
-SUMMARY_NAME = "_summary.json"
-MARKERS_DIR = "_shards"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
@@ -184,61 +184,154 @@ class RunStats:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing
+# Streaming writes (tasks) and per-shard commits (driver)
 
 
-def write_shard(table: pa.Table, output: OutputSpec, key: str, source: Optional[str] = None) -> RunStats:
-    """Write one shard's output rows (`output_table` result), then its completion marker.
-
-    Files: {key}-00000.parquet, {key}-00001.parquet, ... (`output.rows_per_file` rows each; an empty
-    shard still gets one file with the schema). Stale files of the same key are removed first.
-    """
-    for stale in storage.glob(storage.join_url(output.uri, f"{key}-*.parquet"), output.storage):
-        storage.remove(stale, output.storage)
-    names = []
-    for chunk, start in enumerate(range(0, max(table.num_rows, 1), output.rows_per_file)):
-        names.append(data_file_name(key, chunk))
-        part = table.slice(start, output.rows_per_file)
-        storage.write_parquet(part, storage.join_url(output.uri, names[-1]), output.storage)
-    stats = RunStats.of(table)
-    marker = {"key": key, "source": redact_url(source), "files": names, "stats": stats.to_dict()}
-    storage.write_text(_marker_url(output.uri, key), json.dumps(marker, indent=1), output.storage)
-    return stats
+PART_DROP = (IMAGE_TOKENS_COLUMN, PROMPT_COLUMN, IMAGES_COLUMN, READ_ERROR_COLUMN)
+STATS_SCHEMA = pa.schema([
+    ("key", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
+    ("errors", pa.int64()), ("transient", pa.int64()), ("pad_sum", pa.float64()), ("pad_rows", pa.int64()),
+    ("kept_tokens", pa.int64()), ("visual_tokens", pa.int64()), ("output_tokens", pa.int64()),
+])
 
 
-def _marker_url(output_uri: str, key: str) -> str:
-    return storage.join_url(output_uri, MARKERS_DIR, f"{key}.json")
+@dataclass(frozen=True)
+class PartContext:
+    """What a write task needs (picklable): where parts go and which run may write them."""
+
+    output: OutputSpec
+    run_id: str
+    fingerprints: Mapping[str, str]  # shard key -> fingerprint
 
 
-def completed_shards(output: OutputSpec) -> set[str]:
-    """Keys of shards that already have a completion marker."""
-    pattern = storage.join_url(output.uri, MARKERS_DIR, "*.json")
-    return {posixpath.basename(url)[: -len(".json")] for url in storage.glob(pattern, output.storage)}
+def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """[(start_index, end_index)] of runs of consecutive values in a sorted list."""
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
 
 
-def collect_stats(output: OutputSpec, keys: Optional[Sequence[str]] = None) -> RunStats:
-    """Sum of the stats in the shard markers (all completed shards, or only `keys`)."""
-    stats = RunStats()
-    for key in sorted(completed_shards(output) if keys is None else keys):
-        marker = json.loads(storage.read_text(_marker_url(output.uri, key), output.storage))
-        stats = stats + RunStats.from_dict(marker.get("stats", {}))
-    return stats
+def write_parts(batch: pa.Table, context: PartContext) -> pa.Table:
+    """Write processed rows to `_staging` as one part per (shard, contiguous row range); returns one
+    stats row per part (the driver's only view of the data). Same rows -> same part name, so a retried
+    task overwrites its own earlier attempt."""
+    state.check_lease(context.output.uri, context.output.storage, context.run_id)
+    table = batch.drop_columns([c for c in PART_DROP if c in batch.column_names])
+    stats = []
+    for key in sorted(set(table.column(KEY_COLUMN).to_pylist())):
+        rows_of_key = table.filter(pc.equal(table.column(KEY_COLUMN), key))
+        rows_of_key = rows_of_key.take(pc.sort_indices(rows_of_key.column(ROW_COLUMN)))
+        row_ids = rows_of_key.column(ROW_COLUMN).to_pylist()
+        for start, end in contiguous_runs(row_ids):
+            part = rows_of_key.slice(start, end - start)
+            url = state.part_url(context.output, key, context.fingerprints[key], row_ids[start], row_ids[end - 1])
+            storage.write_parquet(part, url, context.output.storage)
+            stats.append(_part_stats(key, row_ids[start], row_ids[end - 1], part))
+    return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 
 
-def prepare_output(output: OutputSpec) -> set[str]:
-    """Start a run: remove `_SUCCESS`; in overwrite mode also clear previous outputs (the top-level
-    *.parquet files, `_shards/` and `_summary.json`; nothing else). Returns the keys of shards to
-    skip (skip_existing mode), else an empty set."""
-    storage.remove(storage.join_url(output.uri, SUCCESS_NAME), output.storage)
-    if output.mode == "skip_existing":
-        done = completed_shards(output)
-        logger.info("skip_existing: %d shard(s) already done in %s", len(done), redact_url(output.uri))
-        return done
-    for stale in storage.glob(storage.join_url(output.uri, "*.parquet"), output.storage):
-        storage.remove(stale, output.storage)
-    storage.remove(storage.join_url(output.uri, MARKERS_DIR), output.storage, recursive=True)
-    storage.remove(storage.join_url(output.uri, SUMMARY_NAME), output.storage)
-    return set()
+def _part_stats(key: str, first: int, last: int, part: pa.Table) -> dict:
+    ok = pc.equal(part.column("status"), STATUS_OK)
+    total = lambda name: int(pc.sum(part.filter(ok).column(name)).as_py() or 0)  # noqa: E731
+    pads = part.column("pad_fraction").drop_null()
+    return {
+        "key": key, "first": first, "last": last, "rows": part.num_rows,
+        "errors": part.num_rows - int(pc.sum(ok).as_py() or 0),
+        "transient": int(pc.sum(part.column(TRANSIENT_COLUMN)).as_py() or 0),
+        "pad_sum": float(pc.sum(pads).as_py() or 0.0), "pad_rows": len(pads),
+        "kept_tokens": total("kept_tokens"), "visual_tokens": total("visual_tokens"), "output_tokens": total("output_tokens"),
+    }
+
+
+def passthrough_blobs(table: pa.Table) -> pa.Array:
+    """Each row of `table` as a 1-row Arrow IPC stream (see schemas.rows.PASSTHROUGH_COLUMN)."""
+    blobs = []
+    for i in range(table.num_rows):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as stream:
+            stream.write_table(table.slice(i, 1))
+        blobs.append(sink.getvalue().to_pybytes())
+    return pa.array(blobs, pa.binary())
+
+
+def passthrough_table(blobs: Sequence[bytes]) -> pa.Table:
+    """Inverse of `passthrough_blobs` (one shard's rows: one schema)."""
+    tables = [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in blobs]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+@dataclass
+class CommitResult:
+    key: str
+    rows: int
+    complete: bool
+    files: list
+    stats: RunStats
+    problem: Optional[str] = None  # why the shard could not be committed
+    duplicate_ids: int = 0
+    null_ids: int = 0
+
+
+def commit_shard(output: OutputSpec, key: str, *, fingerprint: str, num_rows: int, run_id: str,
+                 record: Mapping[str, Any], settings: Mapping[str, Optional[str]]) -> CommitResult:
+    """Staged parts of one shard -> final files + record (atomic) -> superseded files removed.
+
+    `record` is what the shard's new record says besides files/stats (fingerprint, input, settings).
+    Nothing is written (and nothing removed) unless every row 0..num_rows-1 is staged."""
+    parts = [storage.read_parquet(u, output.storage) for u in state.staged_parts(output, key, fingerprint)]
+    merged = state.merge_parts(parts)
+    rows = merged.column(ROW_COLUMN).to_pylist() if merged.num_columns else []
+    if rows != list(range(num_rows)):
+        missing = num_rows - len(rows)
+        return CommitResult(key, len(rows), False, [], RunStats(), problem=f"{missing} of {num_rows} rows missing from staging")
+    table = _final_rows(merged, settings) if num_rows else None
+    files = [f"{key}-{run_id}-{chunk:05d}.parquet" for chunk in range(-(-num_rows // output.rows_per_file))]
+    # Intent first: a run killed before the record is replaced leaves files that only this names.
+    storage.write_text(state.pending_url(output, key), json.dumps({"files": files}), output.storage)
+    for chunk, name in enumerate(files):
+        part = table.slice(chunk * output.rows_per_file, output.rows_per_file)
+        storage.write_parquet(part, storage.join_url(output.uri, name), output.storage)
+    transient = int(pc.sum(merged.column(TRANSIENT_COLUMN)).as_py() or 0) if num_rows else 0
+    stats = RunStats.of(table) if table is not None else RunStats()
+    ids = table.column(ID_COLUMN) if table is not None else pa.array([], pa.string())
+    nulls = ids.null_count
+    duplicates = len(ids) - nulls - len(pc.unique(ids.drop_null()))
+    previous = state.read_record(output, key) or {}
+    new_record = dict(record, key=key, files=files, stats=stats.to_dict(), complete=transient == 0, run_id=run_id,
+                      transient_rows=transient, duplicate_ids=duplicates, null_ids=nulls,
+                      superseded=[f for f in previous.get("files", []) if f not in files],
+                      committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage.write_text(state.record_url(output, key), json.dumps(new_record, indent=1, default=str), output.storage)
+    finish_commit(output, key, new_record, keep_staging=fingerprint if transient else None)
+    return CommitResult(key, num_rows, transient == 0, files, stats, duplicate_ids=duplicates, null_ids=nulls)
+
+
+def finish_commit(output: OutputSpec, key: str, record: Mapping[str, Any], keep_staging: Optional[str] = None) -> None:
+    """After a record is written: remove the files it superseded and the shard's staging (all of it,
+    or all but `keep_staging`, the fingerprint whose transient rows a re-run retries). Idempotent,
+    so a run killed in between is finished by the next one."""
+    for name in record.get("superseded", []):
+        storage.remove(storage.join_url(output.uri, name), output.storage)
+    storage.remove(state.pending_url(output, key), output.storage)
+    if keep_staging is None:
+        storage.remove(state.staging_dir(output, key), output.storage, recursive=True)
+        return
+    for fingerprint in state.staged_fingerprints(output, key):
+        if fingerprint != keep_staging:
+            storage.remove(state.staging_dir(output, key, fingerprint), output.storage, recursive=True)
+
+
+def _final_rows(merged: pa.Table, settings: Mapping[str, Optional[str]]) -> pa.Table:
+    passthrough = passthrough_table(merged.column(PASSTHROUGH_COLUMN).to_pylist())
+    fixed = merged.drop_columns([c for c in merged.column_names if c not in OUTPUT_SCHEMA.names])
+    processed = passthrough
+    for name in fixed.column_names:
+        processed = processed.append_column(fixed.schema.field(name), fixed.column(name))
+    return output_table(processed, settings)
+
 
 
 def build_summary(stats: RunStats, wall_s: float, job: JobSpec, *, shards_total: int = 0,
@@ -273,13 +366,13 @@ def build_summary(stats: RunStats, wall_s: float, job: JobSpec, *, shards_total:
 
 def write_summary(output: OutputSpec, summary: Mapping[str, Any]) -> str:
     """Write `_summary.json` next to the data; returns its URL."""
-    url = storage.join_url(output.uri, SUMMARY_NAME)
+    url = storage.join_url(output.uri, state.SUMMARY_NAME)
     storage.write_text(url, json.dumps(summary, indent=2, sort_keys=True, default=str), output.storage)
     return url
 
 
 def write_success(output: OutputSpec) -> str:
     """Write the `_SUCCESS` marker; call it last. Returns its URL."""
-    url = storage.join_url(output.uri, SUCCESS_NAME)
+    url = storage.join_url(output.uri, state.SUCCESS_NAME)
     storage.write_bytes(url, b"", output.storage)
     return url

@@ -68,7 +68,26 @@ STAGE_SCHEMA = pa.schema(
     ]
 )
 STAGE_COLUMNS = tuple(STAGE_SCHEMA.names)
-RESERVED_COLUMNS = frozenset((ID_COLUMN,) + FIXED_COLUMNS + STAGE_COLUMNS)
+
+# Pipeline bookkeeping (internal; never in the committed output). Every block between the read
+# stage and the writer carries `_key` + `_row`: the row's identity for resume and de-duplication.
+KEY_COLUMN = "_key"
+ROW_COLUMN = "_row"
+READ_ERROR_COLUMN = "_read_error"
+PASSTHROUGH_COLUMN = "_passthrough"
+TRANSIENT_COLUMN = "_transient"
+PIPELINE_SCHEMA = pa.schema(
+    [
+        _field(KEY_COLUMN, pa.string(), "Output key of the row's input shard."),
+        _field(ROW_COLUMN, pa.int64(), "Index of the row in its input shard (0-based)."),
+        _field(READ_ERROR_COLUMN, pa.string(), "Problem found while reading the row (e.g. invalid UTF-8)."),
+        _field(PASSTHROUGH_COLUMN, pa.binary(), "The row's id + passthrough columns as a 1-row Arrow IPC stream "
+               "(keeps each shard's own column types through stages that concatenate blocks)."),
+        _field(TRANSIENT_COLUMN, pa.bool_(), "True when the row failed for a transient reason (retried on re-run)."),
+    ]
+)
+PIPELINE_COLUMNS = tuple(PIPELINE_SCHEMA.names)
+RESERVED_COLUMNS = frozenset((ID_COLUMN,) + FIXED_COLUMNS + STAGE_COLUMNS + PIPELINE_COLUMNS)
 
 
 def fixed_defaults() -> dict[str, Any]:

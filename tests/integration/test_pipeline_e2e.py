@@ -10,30 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.jobfile import load_job
 from pipeline.run import run_job
 from workers.toyworld import WorldConfig, write_shards
+from pipeline_helpers import job_for, png, read_output
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def job_for(input_uri, output_uri, model_dirs, *extra):
-    base, glimpse = model_dirs
-    return load_job(REPO / "jobs" / "demo.yaml", [
-        f"input.uri={input_uri}", f"output.uri={output_uri}", f"model.base={base}",
-        f"model.glimpse_modules={glimpse}", "sampling.max_new_tokens=4", "image.max_source_pixels=1000000", *extra,
-    ])
-
-
-def read_output(output_dir: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(output_dir.glob("*.parquet"))], promote_options="permissive")
 
 
 def test_bad_rows_become_error_rows_and_reruns_skip_done_shards(tmp_path, ray_runtime, model_dirs):

@@ -1,0 +1,160 @@
+"""Input shards, one at a time: inspect (schema, row count, change token) and read row ranges.
+
+Each shard is read with its own schema, never unified with the others' (Ray Data's `read_parquet`
+does unify, so one shard whose column types differ used to fail the whole run, and a URL-string
+image column next to a bytes one was silently coerced). Consequences:
+  - `inspect_shard` is the per-shard gate at plan time: a file that cannot be read, lacks the id or
+    image column, or holds a type the job cannot use becomes ONE failed-shard line; the rest go on;
+  - `read_rows` is the read stage: it streams the rows of one unit (a shard's row groups, minus the
+    rows already durable) as small blocks, each block tagged with `_key` and `_row` (the row's index
+    in its shard: the identity used for resume and de-duplication) and `_read_error`;
+  - string cells that are not valid UTF-8 are decoded per row (lossily, U+FFFD) and the row gets a
+    clear `_read_error` instead of a `UnicodeDecodeError` that would lose the block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from schemas.job import InputColumns, StorageOptions, redact_url
+from schemas.rows import KEY_COLUMN, READ_ERROR_COLUMN, ROW_COLUMN, one_line
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the planner knows about one readable input shard."""
+
+    url: str
+    key: str
+    num_rows: int
+    row_groups: tuple  # rows per row group, in file order
+    size: Optional[int]
+    version: Optional[str]  # etag (object stores) or mtime (local): changes when the content does
+
+
+class ShardProblem(ValueError):
+    """A shard the job cannot use; the message is the one line the user sees."""
+
+
+def _image_type_ok(type_: pa.DataType) -> bool:
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_string(type_) \
+            or pa.types.is_large_string(type_) or pa.types.is_fixed_size_binary(type_):
+        return True
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return _image_type_ok(type_.value_type)
+    if pa.types.is_struct(type_):
+        names = {type_.field(i).name for i in range(type_.num_fields)}
+        return bool(names & {"bytes", "path"})
+    return False
+
+
+def _text_type_ok(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_) \
+        or pa.types.is_large_binary(type_) or pa.types.is_null(type_)
+
+
+def check_schema(schema: pa.Schema, cols: InputColumns) -> None:
+    """Raise ShardProblem if the shard's columns do not fit the job."""
+    missing = [c for c in (cols.id, cols.image) if c not in schema.names]
+    if missing:
+        raise ShardProblem(f"missing column(s) {missing} (has {schema.names}); set input.columns")
+    id_type = schema.field(cols.id).type
+    if pa.types.is_nested(id_type) or pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type):
+        raise ShardProblem(f"id column {cols.id!r} has type {id_type}; ids must be scalar strings or numbers")
+    image_type = schema.field(cols.image).type
+    if not _image_type_ok(image_type):
+        raise ShardProblem(f"image column {cols.image!r} has type {image_type}; expected bytes, a URL/path "
+                           "string, a {bytes, path} struct or a list of these")
+    if cols.question and cols.question in schema.names and not _text_type_ok(schema.field(cols.question).type):
+        raise ShardProblem(f"question column {cols.question!r} has type {schema.field(cols.question).type}; expected text")
+
+
+def inspect_shard(url: str, key: str, cols: InputColumns, options: StorageOptions) -> ShardInfo:
+    """Footer + object metadata of one shard (no row data is read). Raises ShardProblem."""
+    try:
+        meta = storage.info(url, options)
+        fs, path = storage.pyarrow_filesystem(url, options)
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = parquet.schema_arrow
+            groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
+        raise ShardProblem(f"not a readable Parquet file ({type(exc).__name__}: {one_line(exc, 200)})") from None
+    check_schema(schema, cols)
+    return ShardInfo(url=url, key=key, num_rows=sum(groups), row_groups=groups, size=meta.get("size"),
+                     version=None if meta.get("version") is None else str(meta.get("version")))
+
+
+def row_group_spans(info: ShardInfo) -> list[tuple[int, int, int]]:
+    """[(row_group, first_row, end_row)] of a shard."""
+    spans, start = [], 0
+    for index, rows in enumerate(info.row_groups):
+        spans.append((index, start, start + rows))
+        start += rows
+    return spans
+
+
+def read_rows(url: str, key: str, row_groups: Sequence[int], first_row: int, wanted: Optional[Sequence[int]],
+              options: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
+    """Blocks of at most `block_rows` rows of the given row groups (contiguous, starting at shard row
+    `first_row`), keeping only the shard rows in `wanted` (None = all), with `_key`, `_row` and
+    `_read_error` appended. Storage errors propagate (Ray retries the task)."""
+    wanted_set = None if wanted is None else set(wanted)
+    fs, path = storage.pyarrow_filesystem(url, options)
+    row = first_row
+    with fs.open_input_file(path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=block_rows, row_groups=list(row_groups),
+                                                         use_threads=False):
+            table = pa.Table.from_batches([batch])
+            rows = pa.array(range(row, row + table.num_rows), pa.int64())
+            row += table.num_rows
+            if wanted_set is not None:
+                keep = pa.array([r in wanted_set for r in rows.to_pylist()])
+                table, rows = table.filter(keep), rows.filter(keep)
+            if table.num_rows:
+                yield _tagged(table, key, rows)
+
+
+def _tagged(table: pa.Table, key: str, rows: pa.Array) -> pa.Table:
+    table, errors = decode_text_columns(table)
+    table = table.append_column(KEY_COLUMN, pa.array([key] * table.num_rows, pa.string()))
+    table = table.append_column(ROW_COLUMN, rows)
+    return table.append_column(READ_ERROR_COLUMN, pa.array(errors, pa.string()))
+
+
+def decode_text_columns(table: pa.Table) -> tuple[pa.Table, list[Optional[str]]]:
+    """Validate every string column per row; invalid UTF-8 is replaced (U+FFFD) and reported.
+
+    Returns the repaired table and one error message (or None) per row."""
+    errors: list[Optional[str]] = [None] * table.num_rows
+    for index, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(index)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = pc.cast(column, pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary()).to_pylist()
+        fixed = []
+        for i, value in enumerate(raw):
+            if value is None:
+                fixed.append(None)
+                continue
+            try:
+                fixed.append(value.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                fixed.append(value.decode("utf-8", errors="replace"))
+                errors[i] = errors[i] or f"column {field.name!r}: invalid UTF-8 at byte {exc.start}"
+        table = table.set_column(index, field, pa.array(fixed, field.type))
+    return table, errors
+
+
+def describe(url: str) -> str:
+    return redact_url(url) or url
