@@ -8,11 +8,19 @@ Contract (columns, see `schemas.rows`):
   in:  the input columns; `config.columns` names the id, image and question columns.
   out: `id` (the id column, renamed) + passthrough columns (clashing names get an `input_` prefix;
        the question column stays; the image column is dropped when it holds bytes and kept when it
-       holds URLs/paths) + `status`, `error`, `visual_tokens`, `image_s` + stage columns
+       holds URLs/paths) + `status`, `error`, `visual_tokens`, `image_s`, `_transient` + stage columns
        `_prompt`, `_images` (PNG bytes per image), `_image_tokens`.
 Rows in = rows out, same order. A bad row never raises: it gets status "error" and a one-line
 message naming the image index and the numbers ("image 0: 20000x20000 = 400000000 pixels exceeds
 image.max_source_pixels 100000000").
+
+`_transient` (bool) is True only for an error row whose image read failed for a transient reason
+(throttling, 5xx, reset, timeout) that outlasted `storage.retry_deadline_s`: such a row must not mark
+its shard complete, so a re-run retries it. Permanent problems (not found, too large, corrupt image)
+are error rows with `_transient` False. Image URLs/paths (http(s)://, s3://, gs://, local) are read
+through `pipeline.storage` (one filesystem per URL + the input's `StorageOptions`, retried with
+backoff). Within one batch, once a read has exhausted its deadline, later reads in that batch get a
+single attempt, so a dead image host costs one deadline per batch, not one per row.
 
 Per image: bytes or URL/path (a list of either for multi-image rows; Hugging Face `{bytes, path}`
 structs too) -> size cap (max_image_bytes, from metadata before download) -> header-only open ->
@@ -27,7 +35,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -40,10 +48,12 @@ from schemas.rows import (
     IMAGE_TOKENS_COLUMN,
     IMAGES_COLUMN,
     OUTPUT_SCHEMA,
+    PIPELINE_SCHEMA,
     PROMPT_COLUMN,
     STAGE_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    TRANSIENT_COLUMN,
     one_line,
     passthrough_renames,
 )
@@ -56,7 +66,12 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class RowError(Exception):
-    """A problem with one row; its message becomes the row's `error`."""
+    """A problem with one row; its message becomes the row's `error`. `transient`: a storage fault that
+    outlasted the retry deadline (a re-run may succeed)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class PreparedRow:
     images: tuple[bytes, ...] = ()
     image_tokens: tuple[int, ...] = ()
     error: Optional[str] = None
+    transient: bool = False
 
     @property
     def visual_tokens(self) -> int:
@@ -175,6 +191,9 @@ def load_source(source: Union[bytes, str], index: int, config: ImageStageConfig)
         raise RowError(f"image {index}: {shown} is a directory") from None
     except storage.TooLargeError as exc:
         raise RowError(f"image {index}: {shown}: {exc}") from None
+    except storage.TransientStorageError as exc:
+        raise RowError(f"image {index}: cannot read {shown} (transient): {one_line(exc.__cause__ or exc, 300)}",
+                       transient=True) from None
     except (OSError, storage.StorageError) as exc:
         raise RowError(f"image {index}: cannot read {shown}: {one_line(exc, 300)}") from None
 
@@ -316,7 +335,7 @@ def prepare_row(image_value: Any, question: Any, config: ImageStageConfig) -> Pr
             tokens.append(visual_tokens(image.height, image.width))
         return PreparedRow(prompt=prompt, images=tuple(images), image_tokens=tuple(tokens))
     except RowError as exc:
-        return PreparedRow(error=one_line(exc))
+        return PreparedRow(error=one_line(exc), transient=exc.transient)
     except Exception as exc:  # noqa: BLE001 - a bad row must become an error row, never kill the batch
         return PreparedRow(error=one_line(f"unexpected {type(exc).__name__}: {exc}"))
 
@@ -343,6 +362,8 @@ def decode_batch(batch: Union[pa.Table, Mapping[str, list]], config: ImageStageC
         start = time.perf_counter()
         rows.append(prepare_row(image_value, question, config))
         seconds.append(time.perf_counter() - start)
+        if rows[-1].transient and config.storage.retry_deadline_s > 0:  # see module docstring
+            config = replace(config, storage=config.storage.model_copy(update={"retry_deadline_s": 0.0}))
     return _with_stage_columns(_passthrough(table, cols), rows, seconds)
 
 
@@ -374,6 +395,8 @@ def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[
     }
     for name, values in columns.items():
         table = table.append_column(fixed[name], pa.array(values, type=fixed[name].type))
+    transient = PIPELINE_SCHEMA.field(TRANSIENT_COLUMN)
+    table = table.append_column(transient, pa.array([row.transient for row in rows], type=transient.type))
     stage = {
         PROMPT_COLUMN: [row.prompt for row in rows],
         IMAGES_COLUMN: [list(row.images) for row in rows],
