@@ -49,6 +49,26 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def put_tree(self, local_dir, bucket: str, prefix: str = "") -> list[str]:
+        """Upload every file under `local_dir` to s3://bucket/prefix/<relative path> (directly, not
+        through a fault proxy); returns the s3:// URLs, sorted."""
+        client, urls = self.client(), []
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            key = "/".join(x for x in (prefix.strip("/"), path.relative_to(local_dir).as_posix()) if x)
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            urls.append(f"s3://{bucket}/{key}")
+        return urls
+
+    def env(self, endpoint_url: str | None = None) -> dict[str, str]:
+        """Variables a subprocess (the CLI, a Ray worker's runtime_env) needs to reach this server with
+        `storage()`'s credential names; `endpoint_url` also sets AWS_ENDPOINT_URL (e.g. a fault proxy's)."""
+        values = {self.key_env: self.access_key, self.secret_env: self.secret_key, "AWS_ACCESS_KEY_ID": self.access_key,
+                  "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": REGION,
+                  "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        if endpoint_url:
+            values["AWS_ENDPOINT_URL"] = endpoint_url
+        return values
+
     def storage(self, **options):
         """StorageOptions pointing at this server (credentials via the NAMED env variables)."""
         from schemas.job import StorageOptions

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -438,3 +439,25 @@ def test_transient_image_failures_are_marked(http_files, http_fault_proxy, s3_se
     assert "(transient)" in out.column("error").to_pylist()[0]
     assert out.column("error").to_pylist()[4].endswith("not found")
     assert proxy.injected["503"] >= 3 and elapsed < 1.5 + 4, elapsed
+
+
+def test_put_tree_and_env_helpers(s3_server, tmp_path):
+    """Fixture helpers for end-to-end tests: upload a local tree; a subprocess reaches the server through
+    the variables of `env()` alone (AWS_ENDPOINT_URL, no endpoint in the options)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    storage.write_parquet(shard(["a"], [png()]), str(tmp_path / "in" / "sub" / "p.parquet"))
+    (tmp_path / "in" / "x.png").write_bytes(png(seed=5))
+    bucket = s3_server.create_bucket()
+    urls = s3_server.put_tree(tmp_path / "in", bucket, "data")
+    assert urls == [f"s3://{bucket}/data/sub/p.parquet", f"s3://{bucket}/data/x.png"]
+    code = (f"from pipeline import storage; from schemas.job import StorageOptions; "
+            f"print(storage.list_shards('s3://{bucket}/data/', StorageOptions(key_env={s3_server.key_env!r}, "
+            f"secret_env={s3_server.secret_env!r})))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **s3_server.env(endpoint_url=s3_server.endpoint_url)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(storage.__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"s3://{bucket}/data/sub/p.parquet" in done.stdout
