@@ -112,6 +112,19 @@ def test_stop_resume_and_load(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_stop_at_then_resume_equals_one_run(tmp_path):
+    """--stop-at leaves a checkpoint and no model; --resume finishes on the same schedule."""
+    assert _run(tmp_path / "ref") == 0
+    assert _run(tmp_path / "cut", "--stop-at", "3", "--keep-checkpoints") == 0
+    assert not (tmp_path / "cut" / "model").exists()
+    assert torch.load(tmp_path / "cut" / "ckpt" / "last.pt", weights_only=True)["state"]["step"] == 3
+    assert _run(tmp_path / "cut", "--resume") == 0
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ref" / "model").state_dict()
+    resumed = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "cut" / "model").state_dict()
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def _easy_rows(n: int) -> list:
     """Single-object attribute / existence questions from a held-out seed (training uses seed 0)."""
     world = WorldConfig(max_objects=1, question_mix=(("attribute", 0.5), ("existence", 0.5)), seed=HELDOUT_SEED + 7)

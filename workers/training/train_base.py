@@ -764,7 +764,7 @@ def save_checkpoint(path: Path, model, heads, optimizer, state: RunState, cfg: T
 
 
 def load_checkpoint(path: Path, model, heads, optimizer, cfg: TrainConfig) -> RunState:
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file (optimizer state holds plain objects)
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings, lists, dicts
     saved, now = payload["config"], dataclasses.asdict(cfg)
     differ = {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
     if differ:  # other fields (steps, eval and logging settings, workers) may change on resume
@@ -847,17 +847,22 @@ def _evaluate(cfg, state, model, heads, encoder, heldout, start_time) -> None:
              " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
 
 
-def train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool = False) -> RunState:
-    """Train (or continue) to `cfg.steps`, export the model to `out`, return the final state."""
+def train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool = False,
+          stop_at: int | None = None) -> RunState:
+    """Train (or continue) to `cfg.steps`, export the model to `out`, return the final state.
+
+    With `stop_at` < cfg.steps: stop after that step with a checkpoint and no export (a later run with
+    --resume continues on the same schedule; a resume with a smaller `steps` changes the schedule from
+    there on, which is how a run is cut short and still ends with a decayed learning rate)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, out, checkpoint_dir, resume)
+        return _train(cfg, out, checkpoint_dir, resume, stop_at)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> RunState:
+def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool, stop_at: int | None = None) -> RunState:
     processor = build_processor(**cfg.processor_pixels(), spec=cfg.spec)
     encoder = BatchEncoder(processor)
     model = build_tiny_model(cfg.spec, seed=cfg.seed).to(cfg.device)
@@ -883,7 +888,8 @@ def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> R
     try:
         for step in range(state.step, min(state.step + feeder.lookahead, cfg.steps)):
             feeder.submit(step, state.planned.setdefault(step, _cap_for(cfg, state, step)))
-        while state.step < cfg.steps:
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        while state.step < last:
             step, lr = state.step, lr_at(cfg, state.step)
             batch = feeder.take(step, state.planned.pop(step))
             with_lm = step >= cfg.vision_warmup_steps
@@ -899,12 +905,15 @@ def _train(cfg: TrainConfig, out: Path, checkpoint_dir: Path, resume: bool) -> R
                 window, window_t0 = [], time.perf_counter()
             if with_lm and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 _evaluate(cfg, state, model, heads, encoder, heldout, start_time)
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            if state.step % cfg.checkpoint_every == 0 or state.step in (cfg.steps, last):
                 state.elapsed_s = time.perf_counter() - start_time
                 state.cpu_s = time.process_time() - cpu_start
                 save_checkpoint(ckpt, model, heads, optimizer, state, cfg)
     finally:
         feeder.close()
+    if state.step < cfg.steps:
+        log.info("stopped at step %d of %d (--stop-at); resume with --resume", state.step, cfg.steps)
+        return state
     state.elapsed_s = time.perf_counter() - start_time
     state.cpu_s = time.process_time() - cpu_start
     export_model(model.cpu(), processor, out)
@@ -958,6 +967,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Names
     parser.add_argument("--checkpoint-dir", type=Path, help="default: <out>/checkpoints")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--skip-engine-eval", action="store_true")
+    parser.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, no export")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "question_mix":
             parser.add_argument("--question-mix", type=_parse_mix, default=defaults.question_mix,
@@ -979,7 +989,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     cfg, args = _parse_args(argv)
     checkpoint_dir = args.checkpoint_dir or args.out / "checkpoints"
-    state = train(cfg, args.out, checkpoint_dir, resume=args.resume)
+    state = train(cfg, args.out, checkpoint_dir, resume=args.resume, stop_at=args.stop_at)
+    if state.step < cfg.steps:
+        return 0
     engine_eval = None
     if not args.skip_engine_eval and cfg.final_eval_per_type > 0:
         t0 = time.perf_counter()
