@@ -192,8 +192,8 @@ def load_source(source: Union[bytes, str], index: int, config: ImageStageConfig)
     except storage.TooLargeError as exc:
         raise RowError(f"image {index}: {shown}: {exc}") from None
     except storage.TransientStorageError as exc:
-        raise RowError(f"image {index}: cannot read {shown} (transient): {one_line(exc.__cause__ or exc, 300)}",
-                       transient=True) from None
+        # "read <url>: transient storage error persisted for 3.1 s over 2 attempt(s) (...): <last error>"
+        raise RowError(f"image {index}: {one_line(exc, 400)}", transient=True) from None
     except (OSError, storage.StorageError) as exc:
         raise RowError(f"image {index}: cannot read {shown}: {one_line(exc, 300)}") from None
 

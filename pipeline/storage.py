@@ -403,15 +403,34 @@ def with_retries(fn: Callable[[], T], deadline_s: float, what: str) -> T:
             if left <= 0:
                 raise TransientStorageError(
                     f"{what}: transient storage error persisted for {elapsed:.1f} s over {attempt} attempt(s) "
-                    f"(storage.retry_deadline_s {deadline_s:g}): {type(exc).__name__}: {_short(exc)}",
+                    f"(storage.retry_deadline_s {deadline_s:g}): {_describe(exc)}",
                     attempts=attempt, elapsed_s=elapsed) from exc
             pause = min(left, random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** attempt)))
             log.debug("%s: transient %s, retry %d in %.2f s", what, type(exc).__name__, attempt, pause)
             time.sleep(pause)
 
 
+def _describe(exc: BaseException) -> str:
+    """'Type: message', plus its direct cause when that says more (fsspec's HTTP filesystem reports a
+    503 as FileNotFoundError from a ClientResponseError)."""
+    text = f"{type(exc).__name__}: {_short(exc, 200)}"
+    cause = exc.__cause__
+    if cause is not None and type(cause) is not type(exc):
+        text += f" (from {type(cause).__name__}: {_short(cause, 200)})"
+    return text
+
+
+_URL_QUERY = re.compile(r"((?:https?|s3|gs)://[^\s'\"?]+)\?[^\s'\"]*")
+_URL_USERINFO = re.compile(r"((?:https?|s3|gs)://)[^\s'\"/@]+@")
+
+
 def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    """One line of `exc`'s text, URL query strings (presigned signatures) and userinfo removed."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:  # noqa: BLE001 - some library exceptions fail in __str__
+        text = repr(exc)
+    text = _URL_USERINFO.sub(r"\1***@", _URL_QUERY.sub(r"\1?***", text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

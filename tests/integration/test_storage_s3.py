@@ -436,7 +436,8 @@ def test_transient_image_failures_are_marked(http_files, http_fault_proxy, s3_se
     print(f"\nimage faults: {dict(proxy.injected)} in {elapsed:.1f} s")
     assert out.column("status").to_pylist() == ["error", "ok", "error", "error", "error"]
     assert out.column("_transient").to_pylist() == [True, False, True, True, False]
-    assert "(transient)" in out.column("error").to_pylist()[0]
+    first = out.column("error").to_pylist()[0]
+    assert first.startswith(f"image 0: read {urls[0]}: transient storage error persisted for ") and "503" in first, first
     assert out.column("error").to_pylist()[4].endswith("not found")
     assert proxy.injected["503"] >= 3 and elapsed < 1.5 + 4, elapsed
 

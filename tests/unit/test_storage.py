@@ -304,3 +304,23 @@ def test_local_reads_retry_transient_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(type(fs), "cat_file", flaky)
     assert storage.read_bytes(url, StorageOptions(retry_deadline_s=5)) == b"data"
     assert next(failures, None) is None
+
+
+def test_give_up_message_names_the_cause_and_hides_signatures():
+    import aiohttp
+    from yarl import URL
+
+    info = aiohttp.RequestInfo(URL("https://h/a.png?X-Amz-Signature=secret123"), "GET", {},
+                               URL("https://h/a.png?X-Amz-Signature=secret123"))
+
+    def outage():
+        try:
+            raise aiohttp.ClientResponseError(info, (), status=503, message="Service Unavailable")
+        except aiohttp.ClientResponseError as exc:  # what fsspec's HTTP `info` does with it
+            raise FileNotFoundError("https://user:pw@h/a.png?X-Amz-Signature=secret123") from exc
+
+    with pytest.raises(storage.TransientStorageError) as caught:
+        storage.with_retries(outage, 0.2, "read https://h/a.png")
+    text = str(caught.value)
+    assert "from ClientResponseError: 503" in text and "Service Unavailable" in text
+    assert "secret123" not in text and "pw@" not in text
