@@ -191,3 +191,10 @@ def evaluate_processor(model_dir):
     from workers.modeling.loading import load_engine
 
     return load_engine(str(model_dir), None, device="cpu").processor
+
+
+def test_header_flags_a_keep_layer_other_than_the_reduce_layer():
+    meta = {"base": "b", "modules": "m", "world_source": None, "keep_layer": 2, "reduce_layer": 2,
+            "world": {"seed": 9, "image_size": 224, "min_objects": 1, "max_objects": 12}}
+    assert "Note:" not in evaluate.report_header(meta)
+    assert "after layer -1: a difference between the two groups" in evaluate.report_header({**meta, "keep_layer": -1})

@@ -191,19 +191,28 @@ def trained_world(base: str, modules: str) -> tuple[WorldConfig, Optional[str]]:
     return load_world(base), None
 
 
-def write_outputs(out_dir: Path, records: Sequence[dict], summary: dict, meta: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps({**meta, **summary}, indent=2))
+def report_header(meta: dict) -> str:
     world = meta["world"]
     header = (f"# GlimpsePrune evaluation\n\nbase `{meta['base']}`, modules `{meta['modules']}`; held-out seed "
               f"{world['seed']} of the training world ({meta['world_source'] or 'default world: no world.json'}; "
               f"{world['image_size']} px, {world['min_objects']}-{world['max_objects']} objects); explicit masks pruned "
               f"after layer {meta['keep_layer']}.\n")
-    (out_dir / "eval.md").write_text(render_markdown(summary, header))
+    if meta["keep_layer"] != meta["reduce_layer"]:
+        header += (f"\n**Note:** glimpse and glimpse_cap prune after the modules' reduce_layer {meta['reduce_layer']}, the "
+                   f"explicit-mask settings (oracle, anti_oracle, outside_all, random, no_visual) after layer "
+                   f"{meta['keep_layer']}: a difference between the two groups mixes the mask with the layer.\n")
+    return header
+
+
+def write_outputs(out_dir: Path, records: Sequence[dict], summary: dict, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    (out_dir / "eval.md").write_text(render_markdown(summary, report_header(meta)))
     with open(out_dir / "eval_rows.jsonl", "w") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
-    write_plot({**summary, "title": f"{meta['base']} + {meta['modules']}, {summary['rows']} held-out rows"}, out_dir / "eval.png")
+    write_plot({**summary, "title": f"{meta['base']} + {meta['modules']}, {summary['rows']} held-out rows, "
+                                    f"explicit masks after layer {meta['keep_layer']}"}, out_dir / "eval.png")
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -234,10 +243,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     records = run_eval(loaded.model, loaded.processor, loaded.modules, cfg, world)
     summary = summarise(records, cfg.bootstrap, cfg.random_seed)
-    keep_layer = cfg.keep_layer if cfg.keep_layer is not None else loaded.modules.config.reduce_layer
+    reduce_layer = loaded.modules.config.reduce_layer
+    keep_layer = cfg.keep_layer if cfg.keep_layer is not None else reduce_layer
     world_dict = asdict(world)
     meta = {"base": str(args.base), "modules": str(args.modules), "config": asdict(cfg), "device": str(loaded.device),
             "world": world_dict, "world_source": source, "training_seed": trained.seed, "keep_layer": keep_layer,
+            "reduce_layer": reduce_layer,
             "seconds": round(time.perf_counter() - t0, 1)}
     write_outputs(args.out, records, summary, meta)
     print((args.out / "eval.md").read_text())
