@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -198,3 +199,13 @@ def test_header_flags_a_keep_layer_other_than_the_reduce_layer():
             "world": {"seed": 9, "image_size": 224, "min_objects": 1, "max_objects": 12}}
     assert "Note:" not in evaluate.report_header(meta)
     assert "after layer -1: a difference between the two groups" in evaluate.report_header({**meta, "keep_layer": -1})
+
+
+def test_multi_image_rows_are_refused_not_misaligned(tiny_model, tiny_processor, tiny_modules):
+    engines = evaluate.build_engines(tiny_model, tiny_processor, tiny_modules, EvalConfig())
+    world = WorldConfig(image_size=112, max_objects=4)
+    samples = [make_sample(world, 0), make_sample(world, 1)]
+    # A row with two images, as the multi-image world will have: same fields plus `images`.
+    two_images = [SimpleNamespace(**vars(samples[0]), images=(samples[0].image, samples[1].image)), samples[1]]
+    with pytest.raises(ValueError, match="one image per row"):
+        evaluate.evaluate_batch(engines, two_images, 0, EvalConfig(max_new_tokens=2))

@@ -130,6 +130,11 @@ def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, c
     gp = engines["glimpse"]
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     inputs = gp.build_inputs([GenerationRequest(images=sample_images(s), prompt=s.question) for s in samples])
+    if inputs.image_grid_thw is None or inputs.image_grid_thw.shape[0] != len(samples):
+        # data.box_masks pairs one grid with one sample; with multi-image rows it would silently
+        # misalign the oracle. Refuse until box masks cover every image of a row.
+        raise ValueError(f"{len(samples)} rows but {0 if inputs.image_grid_thw is None else inputs.image_grid_thw.shape[0]} "
+                         "images: the evaluator's box masks handle exactly one image per row")
     boxes = box_masks(samples, inputs.image_grid_thw, gp.core.visual.spatial_merge_size)
     results = {
         "unpruned": gp.generate_from_inputs(inputs, sampling, prune=False),
