@@ -58,6 +58,39 @@ def prefill_report(config: dict, image_size: int, text_tokens: int, keep_ratio: 
             "prefill_pruned_over_unpruned": (vit + lm_pruned) / (vit + lm)}
 
 
+def measure(engine, samples, rounds: int = 3, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Wall seconds of `engine` on `samples` with pruning off and on, interleaved `rounds` times; the
+    medians, their ratio, the mean keep ratio and the prefill seconds the engine reports (per batch)."""
+    import statistics
+    import time
+
+    from workers.modeling.api import GenerationRequest, SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    batches = [engine.build_inputs([GenerationRequest(images=(s.image,), prompt=s.question)
+                                    for s in samples[i:i + batch_size]]) for i in range(0, len(samples), batch_size)]
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    prefill: dict[bool, list[float]] = {False: [], True: []}
+    keep, text = [], []
+    for _ in range(rounds):
+        for prune in (False, True):
+            t0, pre = time.perf_counter(), 0.0
+            for inputs in batches:
+                results = engine.generate_from_inputs(inputs, sampling, prune=prune)
+                pre += results[0].prefill_s
+                if prune:
+                    keep += [r.keep_ratio for r in results]
+                    text += [r.prompt_tokens - r.visual_tokens for r in results]
+            walls[prune].append(time.perf_counter() - t0)
+            prefill[prune].append(pre)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    pre = {k: statistics.median(v) for k, v in prefill.items()}
+    return {"rows": len(samples), "rounds": rounds, "wall_s_unpruned": med[False], "wall_s_pruned": med[True],
+            "wall_ratio": med[True] / med[False], "prefill_s_unpruned": pre[False], "prefill_s_pruned": pre[True],
+            "prefill_ratio": pre[True] / pre[False], "mean_keep_ratio": sum(keep) / len(keep),
+            "mean_text_tokens": sum(text) / len(text)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers.training.flops", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True)
@@ -65,9 +98,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text", type=int, default=40, help="text tokens of the prompt")
     p.add_argument("--keep", type=float, default=0.1)
     p.add_argument("--reduce-layer", type=int, default=1)
+    p.add_argument("--measure-with", type=Path, help="glimpse modules dir: also time the engine, pruning off vs on, "
+                   "on --rows held-out rows of the model's world (seed --seed); --keep is then the measured mean")
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--seed", type=int, default=5152)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     config = json.loads((args.model / "config.json").read_text())
-    print(json.dumps(prefill_report(config, args.image_size, args.text, args.keep, args.reduce_layer), indent=2))
+    out = {}
+    keep = args.keep
+    if args.measure_with:
+        import torch
+
+        from workers.modeling.loading import load_engine
+        from workers.toyworld import generate_samples, load_world
+
+        torch.set_num_threads(args.threads)
+        engine = load_engine(str(args.model), str(args.measure_with), device="cpu")
+        samples = list(generate_samples(load_world(args.model, seed=args.seed), args.rows))
+        out["measured"] = measure(engine, samples)
+        keep = out["measured"]["mean_keep_ratio"]
+        args.text = round(out["measured"]["mean_text_tokens"])
+    out["analytic"] = prefill_report(config, args.image_size, args.text, keep, args.reduce_layer)
+    print(json.dumps(out, indent=2))
     return 0
 
 
