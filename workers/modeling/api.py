@@ -85,6 +85,6 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     finish_reason: str = "length"  # "stop" (EOS) or "length"
-    importance_logits: Optional[Any] = None  # torch.FloatTensor [N_v] when requested
+    importance_logits: Optional[Any] = None  # torch.FloatTensor [N_v] when requested (None with explicit keep masks)
     keep_mask: Optional[Any] = None  # torch.BoolTensor [N_v] when requested
     extra: dict = field(default_factory=dict)
