@@ -25,24 +25,30 @@ bench: $(BIN)/.installed
 # 336 px world v2 with region questions. Grown from the first model (V1, shipped; `make small-model-v1`
 # rebuilds it from scratch), then fine-tuned with the shield loss (no visual attention before the pruning
 # layer) and pruning-aware rows; glimpse modules on it; the keep probe (unpruned / oracle / anti-oracle /
-# no-visual / glimpse / random). Each stage resumes (`--resume`). The base runs in two legs because the
-# shipped run was cut short: leg 1 on a 600-step schedule to step 100, leg 2 re-planned to 200 steps
-# (see models/small-qwen2_5_vl-v2/training_summary.json). SM2=DIR to write elsewhere.
+# no-visual / glimpse / random). Each stage resumes (`--resume`). Stage a ran in two legs because the
+# shipped run was cut short (leg 1 on a 600-step schedule to step 100, leg 2 re-planned to 200 steps);
+# stage b is a fresh 800-step schedule from it with a region-heavy mix. ~8 + 22 + 7 min on 2 idle cores.
+# SM2=DIR to write elsewhere; copy $(SM2)/base and $(SM2)/glimpse to models/ to ship them.
 SM2 ?= out/small-model-v2
 V1 ?= models/small-qwen2_5_vl
-V2_MIX := attribute=0.15,existence=0.15,counting=0.1,captioning=0.05,next_to=0.2,quadrant=0.2,region_count=0.15
-V2_BASE := --preset small-v2 --world v2 --image-size 336 --grow-from $(V1) --grow-offset 2 \
-	--shield-layer 1 --shield-weight 1.0 --vision-warmup-steps 0 --start-max-objects 12 \
-	--batch-size 8 --questions-per-image 4 --lr 1e-3 --warmup-steps 30 --word-loss-weight 0 \
-	--prune-rows 0.5 --prune-layer 1 --prune-extra-max 0.25 --question-mix $(V2_MIX) \
-	--eval-every 100 --eval-per-type 30 --final-eval-per-type 100 --checkpoint-every 25 \
-	--checkpoint-dir $(SM2)/base_ckpt --keep-checkpoints --resume
+V2_COMMON := --preset small-v2 --world v2 --image-size 336 --shield-layer 1 --shield-weight 1.0 \
+	--vision-warmup-steps 0 --start-max-objects 12 --batch-size 8 --questions-per-image 4 --word-loss-weight 0 \
+	--prune-rows 0.5 --prune-layer 1 --prune-extra-max 0.25 --eval-per-type 30 --checkpoint-every 25 \
+	--keep-checkpoints --resume --skip-engine-eval
+V2_A := $(V2_COMMON) --grow-from $(V1) --grow-offset 2 --lr 1e-3 --warmup-steps 30 --eval-every 100 \
+	--question-mix attribute=0.15,existence=0.15,counting=0.1,captioning=0.05,next_to=0.2,quadrant=0.2,region_count=0.15 \
+	--checkpoint-dir $(SM2)/stage_a_ckpt
+V2_B := $(V2_COMMON) --init-from $(SM2)/stage_a --seed 7 --steps 800 --lr 6e-4 --warmup-steps 20 --eval-every 200 \
+	--question-mix attribute=0.1,existence=0.1,counting=0.1,captioning=0.05,next_to=0.25,quadrant=0.2,region_count=0.2 \
+	--checkpoint-dir $(SM2)/base_ckpt
 
 small-model: $(SM2)/probe.json
 
-$(SM2)/base/model.safetensors: | $(BIN)/.installed
-	$(TRAIN) --out $(SM2)/base $(V2_BASE) --steps 600 --stop-at 100
-	$(TRAIN) --out $(SM2)/base $(V2_BASE) --steps 200 --skip-engine-eval
+$(SM2)/stage_a/model.safetensors: | $(BIN)/.installed
+	$(TRAIN) --out $(SM2)/stage_a $(V2_A) --steps 600 --stop-at 100
+	$(TRAIN) --out $(SM2)/stage_a $(V2_A) --steps 200
+$(SM2)/base/model.safetensors: $(SM2)/stage_a/model.safetensors
+	$(TRAIN) --out $(SM2)/base $(V2_B)
 $(SM2)/glimpse/new_modules_gp.pt: $(SM2)/base/model.safetensors
 	$(BIN)/python -m workers.training.glimpse_trainer --base $(SM2)/base --out $(SM2)/glimpse --synthetic \
 		--world-from-base --train-rows 3200 --epochs 1 --batch-size 16 --grad-accum 1 --lr 1e-3 \

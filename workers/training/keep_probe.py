@@ -13,8 +13,8 @@ checked against the engine in tests/unit/test_train_base.py):
 - ``anti_oracle``: only the tokens OUTSIDE those boxes;
 - ``no_visual``: no visual token after layer K;
 - with ``--modules``: ``glimpse`` (the GlimpsePrune modules' keep masks from the engine, threshold
-  0.5, fed back through the same forward) and ``random`` (the same number of tokens per row as
-  glimpse kept, drawn uniformly).
+  0.5, optionally capped with ``--cap``, fed back through the same forward) and ``random`` (the same
+  number of tokens per row as glimpse kept, drawn uniformly).
 
 A model whose answers live in the question's text tokens by layer K scores the same with the oracle
 and the anti-oracle; a testbed on which pruning matters scores far lower with the anti-oracle. This is
@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="small-v2")
     p.add_argument("--modules", type=Path, help="GlimpsePrune modules dir: adds the glimpse and random rows")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--cap", type=float, help="the keep rule's max_remain_ratio (default: none)")
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--seed", type=int, default=5151)
     p.add_argument("--prune-layer", type=int, default=1)
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modules = GlimpseModules.from_directory(args.modules)
         if modules.config.reduce_layer != args.prune_layer:
             raise SystemExit(f"--prune-layer {args.prune_layer} != the modules' reduce layer {modules.config.reduce_layer}")
-        engine = GlimpseEngine(model.eval(), processor, modules, KeepRule(args.threshold))
+        engine = GlimpseEngine(model.eval(), processor, modules, KeepRule(args.threshold, max_remain_ratio=args.cap))
     result = probe(model, processor, world, args.rows, args.prune_layer, engine=engine)
     result["args"] = {k: str(v) for k, v in vars(args).items()}
     print(format_table(result))
