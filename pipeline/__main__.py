@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
 
 def run_command(job, dry_run: bool, log_path: str) -> int:
-    from pipeline.run import Interrupted, RunRefused, make_plan, run_job
+    from pipeline.run import CouldNotStart, Interrupted, RunRefused, make_plan, run_job
     from pipeline.storage import StorageError
 
     started = False
@@ -65,6 +65,8 @@ def run_command(job, dry_run: bool, log_path: str) -> int:
         return EXIT_INTERRUPTED
     except (RunRefused, FileNotFoundError, StorageError) as exc:
         return _fail("error", exc, log_path, EXIT_REFUSED)
+    except CouldNotStart as exc:
+        return _fail("could not start", exc, log_path, EXIT_REFUSED)
     except Exception as exc:  # noqa: BLE001 - the CLI turns anything else into one line + a log file
         return _fail("error" if started else "could not start", exc, log_path, EXIT_CRASHED if started else EXIT_REFUSED)
     print_summary(summary)

@@ -2,8 +2,9 @@
 
 1. writes sample shards from the synthetic world to out/demo/input (once);
 2. runs jobs/demo.yaml on a local Ray runtime with the small model the repo ships
-   (models/small-qwen2_5_vl + models/small-qwen2_5_vl-glimpse); if those are missing, a tiny
-   random-weight model is generated instead and the answers are noise (it says so);
+   (models/small-qwen2_5_vl-v2 + models/small-qwen2_5_vl-v2-glimpse), on rows drawn from the world
+   that model was trained on (its world.json, a seed of the demo's own); if the model is missing, a
+   tiny random-weight model is generated instead and the answers are noise (it says so);
 3. prints a few rows: question, answer, the generator's answer, keep ratio.
 """
 from __future__ import annotations
@@ -14,15 +15,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT = REPO / "out" / "demo" / "input"
-SHIPPED = REPO / "models" / "small-qwen2_5_vl"
-SHIPPED_GLIMPSE = REPO / "models" / "small-qwen2_5_vl-glimpse"
+SHIPPED = REPO / "models" / "small-qwen2_5_vl-v2"
+SHIPPED_GLIMPSE = REPO / "models" / "small-qwen2_5_vl-v2-glimpse"
+DEMO_SEED = 2026  # no training or evaluation run uses it
 
 
 def sample_shards(rows: int = 32) -> None:
-    from workers.toyworld import WorldConfig, write_shards
+    from workers.toyworld import load_world, write_shards
 
     if not list(INPUT.glob("*.parquet")):
-        write_shards(WorldConfig(seed=2026, min_objects=1, max_objects=8), rows, INPUT, rows_per_shard=16)
+        write_shards(load_world(SHIPPED, seed=DEMO_SEED), rows, INPUT, rows_per_shard=16)
 
 
 def fallback_model() -> list[str]:

@@ -26,14 +26,25 @@ class Progress:
         self.every_s = every_s if self.tty else log_every_s
         self.start = self.last = time.monotonic()
         self.first_durable_s: Optional[float] = None
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, rows durable)
 
     def add(self, rows: int, errors: int) -> None:
         if self.first_durable_s is None and rows:
             self.first_durable_s = time.monotonic() - self.start
         self.done += rows
         self.errors += errors
+        self.timeline.append((time.monotonic() - self.start, self.done))
         if time.monotonic() - self.last >= self.every_s:
             self.show()
+
+    def steady_rate(self, low: float = 0.1, high: float = 0.9) -> Optional[float]:
+        """Rows/s between `low` and `high` of the rows being durable (start-up and tail excluded)."""
+        if not self.total:
+            return None
+        points = [(t, n) for t, n in self.timeline if low * self.total <= n <= high * self.total]
+        if len(points) < 2 or points[-1][0] <= points[0][0]:
+            return None
+        return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)

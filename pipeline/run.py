@@ -44,6 +44,10 @@ class RunRefused(RuntimeError):
     """The run must not start (overlapping input/output, output in use)."""
 
 
+class CouldNotStart(RuntimeError):
+    """Planning failed (input unreachable, listing failed): nothing was written."""
+
+
 class Interrupted(RuntimeError):
     """Ctrl-C: what was durable stays valid; `summary` says how far it got."""
 
@@ -97,6 +101,25 @@ def check_ownership(job: JobSpec) -> None:
     if storage.overlaps(job.input.uri, job.output.uri):
         raise RunRefused(f"output.uri {redact_url(job.output.uri)} overlaps input.uri {redact_url(job.input.uri)} "
                          f"(same location, or one inside the other): choose an output outside the input")
+
+
+def check_model_paths(job: JobSpec) -> None:
+    """Local model directories that are missing or hold no model fail here, in one line, instead of
+    in every actor after Ray has started (hub ids and object-store URLs are resolved by the actors)."""
+    wanted = [("model.base", job.model.base, ("config.json",))]
+    if job.pruning.mode != "none" and job.model.glimpse_modules:
+        wanted.append(("model.glimpse_modules", job.model.glimpse_modules, ("config.json",)))
+    for name, value, files in wanted:
+        if "://" in value:
+            continue
+        path = os.path.expanduser(value)
+        if not os.path.exists(path):
+            if value.startswith((".", "/", "~")):
+                raise RunRefused(f"{name} {value}: no such directory")
+            continue  # a hub id
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise RunRefused(f"{name} {value}: not a model directory (no {', '.join(missing)})")
 
 
 def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:
@@ -290,9 +313,16 @@ class _Committer:
 def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
     """Run a validated job end to end; returns the summary (also written next to the data).
 
-    Raises RunRefused (overlap, output in use), FileNotFoundError (no input), Interrupted (Ctrl-C)."""
+    Raises RunRefused (overlap, output in use, model directory missing), FileNotFoundError (no input),
+    CouldNotStart (planning failed, e.g. storage unreachable), Interrupted (Ctrl-C)."""
     start = time.perf_counter()
-    plan = make_plan(job)
+    check_model_paths(job)
+    try:
+        plan = make_plan(job)
+    except (RunRefused, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything before the first write: the run could not start
+        raise CouldNotStart(f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)) from exc
     for url, reason in plan.bad.items():
         log.error("shard %s failed: %s", redact_url(url), reason)
     for key, reason in plan.redo.items():
@@ -333,7 +363,7 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
         return False
     try:
         start_ray(job)
-        _quiet_ray_data()
+        _configure_ray_data(job)
         for stats in build_dataset(job, plan, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in stats.to_pylist():
                 tally.add(row)
@@ -363,10 +393,23 @@ def _finish_earlier_commits(job: JobSpec) -> None:
             storage.remove(storage.join_url(out.uri, name), out.storage)
 
 
-def _quiet_ray_data() -> None:
+def _configure_ray_data(job: JobSpec) -> None:
+    """Our own progress line instead of Ray's, and an object-store budget that bounds the data in
+    flight (a few blocks per model actor) so memory stays flat in the number of rows: without it the
+    read stage runs ahead of the model until a fixed share of the whole store is full."""
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=in_flight_budget(job))
+
+
+def in_flight_budget(job: JobSpec) -> int:
+    """Bytes: 4 blocks per model actor of one-image rows at the largest decoded size, at least 64 MiB
+    (a soft budget: Ray Data still runs one task per stage when a block is larger)."""
+    per_row = job.image.max_pixels * 3
+    return max(64 * 1024**2, 4 * job.resources.max_actors * _block_rows(job) * per_row)
 
 
 def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[str, Any]:
@@ -394,8 +437,12 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
             "rows_error": tally.errors, "rows_transient": tally.transient,
             "rows_per_s": tally.rows / computed, "tokens_per_s": tally.output_tokens / computed,
             "first_durable_s": progress.first_durable_s,
+            "steady_rows_per_s": progress.steady_rate(),
         },
     }
+    if extra["duplicate_ids"] or extra["null_ids"]:
+        log.warning("ids: %d duplicate(s) and %d null(s) within shards (rows kept; see the shard records)",
+                    extra["duplicate_ids"], extra["null_ids"])
     summary = writer.build_summary(totals, wall_s, job, shards_total=len(plan.keys), shards_skipped=len(plan.skipped), extra=extra)
     summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
     summary["summary_url"] = writer.write_summary(job.output, summary)

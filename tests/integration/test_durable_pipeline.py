@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -273,3 +274,77 @@ def test_skip_existing_redoes_what_changed(tmp_path, ray_runtime, model_dirs, ca
     assert all("sampling.max_new_tokens" in why for why in redone["shards_redone"].values())
     _ids_exactly_once(out, 6)
     assert make_plan(job_for(inputs, out, model_dirs, "output.mode=skip_existing", "sampling.max_new_tokens=3")).todo == []
+
+
+def test_dead_endpoint_is_one_line_and_exit_2(tmp_path, model_dirs):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = job_overrides("s3://nowhere/in/", tmp_path / "out", model_dirs, f"input.storage.endpoint_url=http://127.0.0.1:{port}",
+                         "input.storage.retry_deadline_s=2", "input.storage.anonymous=true")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "jobs" / "demo.yaml"),
+                             *sum((["--set", a] for a in args), [])], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1" in lines[0] and "traceback:" in lines[0], lines
+    log = lines[0].rsplit("traceback: ", 1)[1].rstrip(")")
+    assert "Traceback" in Path(log).read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_fails_in_one_line_keeps_what_was_done_and_rerun_finishes(tmp_path, ray_runtime, model_dirs, small_disk):
+    inputs, out = tmp_path / "in", small_disk / "out"
+    rows = 48
+    write_shards(WorldConfig(seed=17, max_objects=2), rows, inputs, rows_per_shard=8)
+    before = {p: p.read_bytes() for p in inputs.rglob("*") if p.is_file()}
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 1024**2 - 96 * 1024))  # ~96 KiB left: a few parts, then ENOSPC
+    process = _cli(job_overrides(inputs, out, model_dirs, "batching.max_rows=2", "resources.ray_num_cpus=4"), tmp_path, "full")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last and "traceback:" in last, last
+    assert {p: p.read_bytes() for p in inputs.rglob("*") if p.is_file()} == before
+    durable = staged_rows(out) + committed_rows(out)
+    filler.unlink()
+    summary = run_job(job_for(inputs, out, model_dirs, "batching.max_rows=2"))
+    assert summary["this_run"]["rows_computed"] + summary["this_run"]["rows_resumed"] + 8 * summary["shards_skipped"] == rows
+    assert summary["this_run"]["rows_computed"] <= rows - durable
+    _ids_exactly_once(out, rows)
+
+
+def test_duplicate_and_null_ids_are_reported(tmp_path, ray_runtime, model_dirs):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    img = png(Image.new("RGB", (56, 56), (10, 200, 30)))
+    pq.write_table(pa.table({"id": ["x", "x", None], "image": [img] * 3, "question": ["What color?"] * 3}), inputs / "dups.parquet")
+    summary = run_job(job_for(inputs, out, model_dirs))
+    assert summary["duplicate_ids"] == 1 and summary["null_ids"] == 1
+    assert read_output(out).num_rows == 3  # rows in = rows out, even so
+
+
+@pytest.mark.parametrize("base", ["/no/such/model", "EMPTY"])
+def test_missing_model_directory_fails_before_ray_in_one_line(tmp_path, model_dirs, base):
+    if base == "EMPTY":
+        base = tmp_path / "empty"
+        base.mkdir()
+    inputs = tmp_path / "in"
+    write_shards(WorldConfig(seed=18, max_objects=2), 2, inputs, rows_per_shard=2)
+    args = job_overrides(inputs, tmp_path / "out", (base, model_dirs[1]))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "jobs" / "demo.yaml"),
+                             *sum((["--set", a] for a in args), [])], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.base" in lines[0], lines
+    assert not (tmp_path / "out").exists()  # nothing written

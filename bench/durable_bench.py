@@ -1,0 +1,188 @@
+"""Durable-pipeline benchmark: streaming writes, flat memory, and what the pipeline costs vs the engine.
+
+One process run, one model, one local Ray runtime:
+  1. pipeline on N rows (1x) and on scale*N rows, each with a sampler thread (every 0.25 s) that
+     records the Ray object store's bytes in use (raylet memory info), the driver's RSS (psutil) and
+     the time the first part file appears under `_staging/` (time to first durable output);
+  2. the engine alone on the first N rows of the same data: `GlimpseUDF` (the pipeline's model stage,
+     same code, same batch size) called in-process on image-stage blocks, torch at 1 thread as in the
+     actor (Ray gives fractional-CPU actors OMP_NUM_THREADS=1); image decoding excluded, model load
+     excluded.
+Figures: first durable output as a share of the run's wall time (target < 10%); peak object-store
+and driver memory at scale*N over N (target < 1.3: flat in rows); pipeline steady-state rows/s (rows
+durable between 10% and 90% of the run, `this_run.steady_rows_per_s`) over engine rows/s (target
+>= 0.9). Written to bench/results/durable_bench.json and printed.
+
+Run: `python bench/durable_bench.py [--rows 5000] [--scale 4] [--model shipped|tiny]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_inputs(root: Path, rows: int, rows_per_shard: int) -> Path:
+    from workers.toyworld import WorldConfig, write_shards
+
+    out = root / f"in-{rows}"
+    write_shards(WorldConfig(seed=77, min_objects=1, max_objects=6), rows, out, rows_per_shard=rows_per_shard)
+    return out
+
+
+def model_dirs(kind: str, root: Path) -> tuple[str, str]:
+    if kind == "shipped":
+        return str(REPO / "models" / "small-qwen2_5_vl"), str(REPO / "models" / "small-qwen2_5_vl-glimpse")
+    sys.path.insert(0, str(REPO / "tests"))
+    from engine_helpers import random_modules
+
+    from workers.modeling.tiny import TinySpec, build_tiny_model, save_tiny_model_dir
+
+    spec = TinySpec(rope_theta=10_000.0)
+    base = save_tiny_model_dir(root / "tiny-base", spec, seed=0)
+    random_modules(build_tiny_model(spec, seed=0), seed=1).save(root / "tiny-glimpse", base_config=build_tiny_model(spec, seed=0).config.to_dict())
+    return str(base), str(root / "tiny-glimpse")
+
+
+def job_for(inputs: Path, output: Path, models, args):
+    from pipeline.jobfile import load_job
+
+    return load_job(REPO / "jobs" / "demo.yaml", [
+        f"input.uri={inputs}", f"output.uri={output}", f"model.base={models[0]}", f"model.glimpse_modules={models[1]}",
+        f"sampling.max_new_tokens={args.max_new_tokens}", f"batching.max_rows={args.max_rows}", "output.rows_per_file=100000",
+    ])
+
+
+class Sampler(threading.Thread):
+    """Polls object-store use, driver RSS and the first staged part while a run goes on."""
+
+    def __init__(self, output: Path, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.output, self.every_s, self.proc = output, every_s, psutil.Process()
+        self.stop_event = threading.Event()
+        self.start_t = time.monotonic()
+        self.first_part_s = None
+        self.peak_store = 0
+        self.peak_rss = 0
+
+    def run(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(None)
+        while not self.stop_event.is_set():
+            try:
+                self.peak_store = max(self.peak_store, int(get_memory_info_reply(state).store_stats.object_store_bytes_used))
+            except Exception:  # noqa: BLE001 - a missed sample is just missed
+                pass
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            if self.first_part_s is None and (any(self.output.glob("_staging/*/*/*.parquet")) or any(self.output.glob("*.parquet"))):
+                self.first_part_s = time.monotonic() - self.start_t
+            self.stop_event.wait(self.every_s)
+
+
+def run_pipeline(inputs: Path, output: Path, models, args) -> dict:
+    from pipeline.run import run_job
+
+    sampler = Sampler(output)
+    sampler.start()
+    start = time.monotonic()
+    summary = run_job(job_for(inputs, output, models, args))
+    wall = time.monotonic() - start
+    sampler.stop_event.set()
+    sampler.join()
+    run = summary["this_run"]
+    return {
+        "rows": run["rows_computed"], "wall_s": wall, "first_durable_s": sampler.first_part_s,
+        "first_durable_share": (sampler.first_part_s / wall) if sampler.first_part_s else None,
+        "first_durable_s_driver": run["first_durable_s"], "steady_rows_per_s": run["steady_rows_per_s"],
+        "rows_per_s": run["rows_computed"] / wall, "peak_object_store_bytes": sampler.peak_store,
+        "peak_driver_rss_bytes": sampler.peak_rss, "rows_error": summary["rows_error"],
+    }
+
+
+def run_engine(inputs: Path, models, args) -> dict:
+    import pyarrow as pa
+    import torch
+
+    from pipeline import shards, storage, writer
+    from pipeline.images import ImageStageConfig
+    from pipeline.stages import to_block
+    from workers.generate import GlimpseUDF
+
+    torch.set_num_threads(1)
+    job = job_for(inputs, Path(tempfile.mkdtemp()) / "unused", models, args)
+    block_rows = max(4 * job.batching.max_rows, 16)
+    urls = storage.list_shards(str(inputs))
+    keys = writer.shard_keys(urls, str(inputs))
+    config = ImageStageConfig.from_job(job)
+    blocks = []
+    for url in urls:
+        info = shards.inspect_shard(url, keys[url], job.input.columns, job.input.storage)
+        blocks += [to_block(b, config) for b in shards.read_rows(url, keys[url], range(len(info.row_groups)), 0, None,
+                                                                job.input.storage, block_rows)]
+    table = pa.concat_tables(blocks)
+    udf = GlimpseUDF(job)
+    udf(table.slice(0, min(block_rows, table.num_rows)))  # warm-up
+    start = time.monotonic()
+    for offset in range(0, table.num_rows, block_rows):
+        udf(table.slice(offset, block_rows))
+    seconds = time.monotonic() - start
+    return {"rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=5000)
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--rows-per-shard", type=int, default=100)
+    ap.add_argument("--model", choices=("shipped", "tiny"), default="shipped")
+    ap.add_argument("--max-new-tokens", type=int, default=4)
+    ap.add_argument("--max-rows", type=int, default=8)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "durable_bench.json"))
+    args = ap.parse_args(argv)
+
+    import ray
+    from ray.data import DataContext
+
+    root = Path(tempfile.mkdtemp(prefix="durable-bench-"))
+    models = model_dirs(args.model, root)
+    small = make_inputs(root, args.rows, args.rows_per_shard)
+    large = make_inputs(root, args.rows * args.scale, args.rows_per_shard)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    one = run_pipeline(small, root / "out-1x", models, args)
+    many = run_pipeline(large, root / f"out-{args.scale}x", models, args)
+    ray.shutdown()
+    engine = run_engine(small, models, args)
+    ratios = {
+        "first_durable_share_1x": one["first_durable_share"], f"first_durable_share_{args.scale}x": many["first_durable_share"],
+        f"object_store_peak_{args.scale}x_over_1x": many["peak_object_store_bytes"] / max(one["peak_object_store_bytes"], 1),
+        f"driver_rss_peak_{args.scale}x_over_1x": many["peak_driver_rss_bytes"] / max(one["peak_driver_rss_bytes"], 1),
+        "pipeline_steady_over_engine_1x": (one["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+        f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+    }
+    result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                                 "load_avg": os.getloadavg()},
+              "pipeline_1x": one, f"pipeline_{args.scale}x": many, "engine_1x": engine, "ratios": ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for name, value in ratios.items():
+        print(f"{name:40s} {value:.3f}" if value is not None else f"{name:40s} n/a")
+    print(json.dumps({k: v for k, v in result.items() if k != "ratios"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
