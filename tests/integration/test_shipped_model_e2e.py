@@ -1,11 +1,13 @@
 """The shipped small model through the whole pipeline: real, correct answers with pruning on.
 
-The demo job (jobs/demo.yaml: models/small-qwen2_5_vl + its glimpse modules, local Ray) runs on a
-fresh shard of easy held-out rows (1-2 objects, attribute and existence questions, a seed that no
-training run used). The answers must match the generator's, and GlimpsePrune must actually prune.
+The demo job (jobs/demo.yaml: models/small-qwen2_5_vl-v2 + its glimpse modules, local Ray) runs on
+fresh held-out rows of the model's own world (336 px, 1-3 objects, attribute and existence questions,
+a seed that no training run used). The answers must match the generator's, and GlimpsePrune must
+actually prune.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,12 +16,13 @@ import pytest
 
 from pipeline.jobfile import load_job
 from pipeline.run import run_job
-from workers.toyworld import WorldConfig, generate_samples, write_shards
+from workers.toyworld import generate_samples, load_world, write_shards
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-BASE, GLIMPSE = REPO / "models" / "small-qwen2_5_vl", REPO / "models" / "small-qwen2_5_vl-glimpse"
-EASY = WorldConfig(seed=4242, min_objects=1, max_objects=2, question_mix=(("attribute", 0.5), ("existence", 0.5)))
+BASE, GLIMPSE = REPO / "models" / "small-qwen2_5_vl-v2", REPO / "models" / "small-qwen2_5_vl-v2-glimpse"
+EASY = dataclasses.replace(load_world(BASE, seed=4242), min_objects=1, max_objects=3,
+                           question_mix=(("attribute", 0.6), ("existence", 0.4)))
 
 
 @pytest.mark.skipif(not (GLIMPSE / "new_modules_gp.pt").exists() or not (BASE / "model.safetensors").exists(),

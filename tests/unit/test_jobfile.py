@@ -47,7 +47,7 @@ def test_shipped_jobs_cover_caption_vqa_demo():
     assert caption.input.columns.question is None and caption.input.prompt
     assert vqa.input.columns.question == "question"
     assert demo.input.uri == "out/demo/input" and demo.output.uri == "out/demo/output"
-    assert demo.model.base == "models/small-qwen2_5_vl" and demo.model.glimpse_modules == "models/small-qwen2_5_vl-glimpse" and isinstance(demo.pruning, GlimpsePruning)
+    assert demo.model.base == "models/small-qwen2_5_vl-v2" and demo.model.glimpse_modules == "models/small-qwen2_5_vl-v2-glimpse" and isinstance(demo.pruning, GlimpsePruning)
 
 
 def test_minimal_job_gets_documented_defaults(tmp_path):
