@@ -41,7 +41,7 @@ def make_inputs(root: Path, rows: int, rows_per_shard: int) -> Path:
 
 def model_dirs(kind: str, root: Path) -> tuple[str, str]:
     if kind == "shipped":
-        return str(REPO / "models" / "small-qwen2_5_vl"), str(REPO / "models" / "small-qwen2_5_vl-glimpse")
+        return str(REPO / "models" / "small-qwen2_5_vl-v2"), str(REPO / "models" / "small-qwen2_5_vl-v2-glimpse")
     sys.path.insert(0, str(REPO / "tests"))
     from engine_helpers import random_modules
 
