@@ -33,11 +33,14 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    port, dash = free_port(), free_port()
+    port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayt{os.getpid()}"  # short: unix socket paths are limited to 107 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+         # Own agent ports: the test session's ray.init runtime already holds the default agent port
+         # (52365), and an agent that cannot bind it leaves the head with no agent to take jobs.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -72,7 +75,7 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
         "--set", f"input.uri={tmp_path / 'in'}", "--set", f"output.uri={out}",
         "--set", f"model.base={base}", "--set", f"model.glimpse_modules={glimpse}", "--set", "sampling.max_new_tokens=3",
     ]
-    deadline = time.monotonic() + 240  # the head's job agent can come up a minute after its dashboard on a loaded machine
+    deadline = time.monotonic() + 120  # the head's job agent can come up after its dashboard on a loaded machine
     while True:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
