@@ -117,12 +117,13 @@ def run_engine(inputs: Path, models, args) -> dict:
 
     from pipeline import shards, storage, writer
     from pipeline.images import ImageStageConfig
+    from pipeline.run import _block_rows
     from pipeline.stages import to_block
     from workers.generate import GlimpseUDF
 
     torch.set_num_threads(1)
     job = job_for(inputs, Path(tempfile.mkdtemp()) / "unused", models, args)
-    block_rows = max(4 * job.batching.max_rows, 16)
+    block_rows = _block_rows(job)  # the pipeline's own block size
     urls = storage.list_shards(str(inputs))
     keys = writer.shard_keys(urls, str(inputs))
     config = ImageStageConfig.from_job(job)

@@ -106,10 +106,10 @@ def check_ownership(job: JobSpec) -> None:
 def check_model_paths(job: JobSpec) -> None:
     """Local model directories that are missing or hold no model fail here, in one line, instead of
     in every actor after Ray has started (hub ids and object-store URLs are resolved by the actors)."""
-    wanted = [("model.base", job.model.base, ("config.json",))]
+    wanted = [("model.base", job.model.base)]
     if job.pruning.mode != "none" and job.model.glimpse_modules:
-        wanted.append(("model.glimpse_modules", job.model.glimpse_modules, ("config.json",)))
-    for name, value, files in wanted:
+        wanted.append(("model.glimpse_modules", job.model.glimpse_modules))
+    for name, value in wanted:
         if "://" in value:
             continue
         path = os.path.expanduser(value)
@@ -117,9 +117,8 @@ def check_model_paths(job: JobSpec) -> None:
             if value.startswith((".", "/", "~")):
                 raise RunRefused(f"{name} {value}: no such directory")
             continue  # a hub id
-        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
-        if missing:
-            raise RunRefused(f"{name} {value}: not a model directory (no {', '.join(missing)})")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise RunRefused(f"{name} {value}: not a model directory (no config.json)")
 
 
 def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:

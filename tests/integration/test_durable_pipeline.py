@@ -282,10 +282,10 @@ def test_dead_endpoint_is_one_line_and_exit_2(tmp_path, model_dirs):
         port = sock.getsockname()[1]
     args = job_overrides("s3://nowhere/in/", tmp_path / "out", model_dirs, f"input.storage.endpoint_url=http://127.0.0.1:{port}",
                          "input.storage.retry_deadline_s=2", "input.storage.anonymous=true")
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "jobs" / "demo.yaml"),
-                             *sum((["--set", a] for a in args), [])], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    process = _cli(args, tmp_path, "run")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1" in lines[0] and "traceback:" in lines[0], lines
     log = lines[0].rsplit("traceback: ", 1)[1].rstrip(")")
     assert "Traceback" in Path(log).read_text()
@@ -342,9 +342,9 @@ def test_missing_model_directory_fails_before_ray_in_one_line(tmp_path, model_di
     inputs = tmp_path / "in"
     write_shards(WorldConfig(seed=18, max_objects=2), 2, inputs, rows_per_shard=2)
     args = job_overrides(inputs, tmp_path / "out", (base, model_dirs[1]))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "jobs" / "demo.yaml"),
-                             *sum((["--set", a] for a in args), [])], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    process = _cli(args, tmp_path, "run")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "model.base" in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing written
