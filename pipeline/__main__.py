@@ -78,25 +78,15 @@ def _fail(prefix: str, exc: BaseException, log_path: str, code: int) -> int:
     """One line on stderr; the traceback appended to the log file."""
     import traceback
 
+    from pipeline.run import root_cause
     from schemas.rows import one_line
 
     with open(log_path, "a") as handle:
         handle.write("".join(traceback.format_exception(exc)))
     own = isinstance(exc, (RuntimeError, OSError)) and type(exc).__module__.startswith("pipeline")
-    text = str(exc) if own or isinstance(exc, FileNotFoundError) else _root_cause(exc)
+    text = str(exc) if own or isinstance(exc, FileNotFoundError) else root_cause(exc)
     print(f"{prefix}: {one_line(text, 400)} (traceback: {log_path})", file=sys.stderr)
     return code
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost 'SomeError: message' line of an exception (Ray wraps worker errors in tracebacks)."""
-    import re
-
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line) and not line.startswith("ray.")]
-    if causes:
-        return causes[-1].split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + causes[-1].split(": ", 1)[1]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def setup_logging(path: str | None) -> str:

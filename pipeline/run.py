@@ -155,7 +155,24 @@ def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:
         sp = ShardPlan(info=result, fingerprint=fingerprint, source=source, rows=rows, resumed=len(durable))
         sp.units = _units(sp, durable, block_rows or _block_rows(job))
         plan.todo.append(sp)
+    _split_first_unit(plan, block_rows or _block_rows(job))
     return plan
+
+
+def _split_first_unit(plan: Plan, block_rows: int) -> None:
+    """The run's first unit is cut to one block (same row groups, read twice), so the first durable
+    output waits for one block of model work instead of a whole unit."""
+    first = next((sp for sp in plan.todo if sp.units), None)
+    if first is None:
+        return
+    unit = first.units[0]
+    rows = unit["wanted"]
+    if rows is None:
+        span = sum(first.info.row_groups[i] for i in unit["row_groups"])
+        rows = list(range(unit["first_row"], unit["first_row"] + min(span, first.rows - unit["first_row"])))
+    if len(rows) <= block_rows:
+        return
+    first.units[0:1] = [dict(unit, wanted=rows[:block_rows]), dict(unit, wanted=rows[block_rows:])]
 
 
 def _inspect(url: str, key: str, job: JobSpec):
@@ -205,10 +222,22 @@ def start_ray(job: JobSpec) -> None:
     if ray.is_initialized():
         return
     res = job.resources
+    # Worker output stays in Ray's log files (path logged below), not on the user's terminal: the
+    # run's own progress line and one-line errors are what the user reads.
     if res.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=res.ray_address, log_to_driver=True)
+        ray.init(address=res.ray_address, log_to_driver=False)
     else:
-        ray.init(num_cpus=res.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=res.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    log.info("Ray worker logs: %s", _ray_log_dir())
+
+
+def _ray_log_dir() -> str:
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - only a hint for the user
+        return "(see Ray's session directory)"
 
 
 def credential_env(job: JobSpec) -> dict:
@@ -363,7 +392,9 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
     try:
         start_ray(job)
         _configure_ray_data(job)
-        for stats in build_dataset(job, plan, run_id).iter_batches(batch_size=None, batch_format="pyarrow"):
+        # prefetch_batches=0: with the default prefetch, a block reaches the driver only when the next
+        # one arrives (one block of lag on every commit and on the progress line).
+        for stats in build_dataset(job, plan, run_id).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for row in stats.to_pylist():
                 tally.add(row)
                 progress.add(row["rows"], row["errors"])
@@ -376,7 +407,56 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
         progress.show(final=True)
     except KeyboardInterrupt:
         return True
+    except Exception as exc:
+        if _is_actor_creation_failure(exc):
+            raise CouldNotStart(f"the model stage could not start: {root_cause(exc)}") from exc
+        if _is_actor_start_timeout(exc):
+            r = job.resources
+            raise CouldNotStart(
+                f"the model actors did not start within resources.actor_start_timeout_s={r.actor_start_timeout_s} s "
+                f"(each asks for {r.num_cpus_per_actor:g} CPU and {r.num_gpus_per_actor:g} GPU; the cluster has "
+                f"{_cluster_resources()})") from exc
+        raise
     return False
+
+
+def _is_actor_creation_failure(exc: BaseException) -> bool:
+    """The model actors' constructor raised (model cannot be loaded): no row was computed."""
+    import ray
+
+    while exc is not None:
+        if isinstance(exc, ray.exceptions.ActorDiedError) and "creation task" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost 'SomeError: message' line of an exception (Ray wraps worker errors in tracebacks)."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line) and not line.startswith("ray.")]
+    if causes:
+        return causes[-1].split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + causes[-1].split(": ", 1)[1]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _is_actor_start_timeout(exc: BaseException) -> bool:
+    import ray
+
+    while exc is not None:
+        if isinstance(exc, ray.exceptions.GetTimeoutError) and "starting actors" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _cluster_resources() -> str:
+    import ray
+
+    total = ray.cluster_resources()
+    return f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"
 
 
 def _finish_earlier_commits(job: JobSpec) -> None:
@@ -400,8 +480,23 @@ def _configure_ray_data(job: JobSpec) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    _quiet_ray_data_console()
+    # Reads wait until the model actors are up: on a small node they would otherwise take the CPU
+    # the actors need to load the model, and the first durable output comes later, not sooner. A pool
+    # that cannot start (no GPU, model load hangs) fails after the timeout instead of waiting forever.
+    ctx.wait_for_min_actors_s = job.resources.actor_start_timeout_s
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=in_flight_budget(job))
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's own console lines (plan, internal tracebacks) go to its log file only; the run
+    prints its progress and one-line errors itself."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL)
 
 
 def in_flight_budget(job: JobSpec) -> int:

@@ -336,6 +336,11 @@ class ResourcesSpec(StrictModel):
     ray_num_cpus: Optional[int] = Field(
         None, ge=1, le=4_096, description="Logical CPUs of a local cluster (only when ray_address is None)."
     )
+    actor_start_timeout_s: int = Field(
+        900, ge=10, le=86_400,
+        description="Seconds the run waits for its first min_actors model actors (model download and load "
+        "included) before it fails with one line; reads start once they are up.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> "ResourcesSpec":

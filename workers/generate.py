@@ -49,8 +49,11 @@ class GlimpseUDF:
 
     def __init__(self, job: JobSpec, env: dict | None = None):
         import os
+        import time
 
         from workers.modeling.api import SamplingParams
+
+        started = time.perf_counter()
 
         for name, value in (env or {}).items():  # credentials for object-store model/image URLs
             os.environ.setdefault(name, value)
@@ -69,6 +72,7 @@ class GlimpseUDF:
         _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
         s = job.sampling
         self.sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        log.info("model stage ready in %.1f s (%s, pruning %s)", time.perf_counter() - started, m.base, job.pruning.mode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -348,3 +348,44 @@ def test_missing_model_directory_fails_before_ray_in_one_line(tmp_path, model_di
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "model.base" in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_model_actors_that_cannot_start_fail_in_one_line_instead_of_hanging(tmp_path, ray_runtime, model_dirs):
+    """A GPU per actor on a CPU-only cluster: Ray would wait forever; the run fails after the timeout."""
+    from pipeline.run import CouldNotStart
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_shards(WorldConfig(seed=19, max_objects=2), 4, inputs, rows_per_shard=2)
+    job = job_for(inputs, out, model_dirs, "resources.num_gpus_per_actor=1", "resources.actor_start_timeout_s=10")
+    started = time.monotonic()
+    with pytest.raises(CouldNotStart, match=r"did not start within resources.actor_start_timeout_s=10 s .*1 GPU.* 0 GPU"):
+        run_job(job)
+    assert time.monotonic() - started < 60
+    assert committed_rows(out) == 0
+
+
+def test_first_unit_is_one_block(tmp_path, model_dirs):
+    """The run's first unit is cut to one block so the first durable output comes after one block."""
+    inputs = tmp_path / "in"
+    write_shards(WorldConfig(seed=20, max_objects=2), 40, inputs, rows_per_shard=20)
+    plan = make_plan(job_for(inputs, tmp_path / "out", model_dirs, "batching.max_rows=2"))  # blocks of 16 rows
+    first, second = plan.todo[0].units[:2]
+    assert first["wanted"] == list(range(16)) and second["wanted"] == list(range(16, 20))
+    assert all(u["wanted"] is None for sp in plan.todo[1:] for u in sp.units)
+    rows = sorted(r for sp in plan.todo[:1] for u in sp.units for r in (u["wanted"] or []))
+    assert rows == list(range(20))
+
+
+def test_model_that_cannot_load_is_one_could_not_start_error(tmp_path, ray_runtime, model_dirs):
+    """Weights that pass the directory check but cannot be loaded: the actors' constructor fails; the
+    run says so in one line (exit 2 in the CLI), not after retries and tracebacks."""
+    from pipeline.run import CouldNotStart
+
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dirs[0], bad)
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_shards(WorldConfig(seed=21, max_objects=2), 4, inputs, rows_per_shard=2)
+    with pytest.raises(CouldNotStart, match=r"^the model stage could not start: ModelLoadError: .*bad-model: cannot load"):
+        run_job(job_for(inputs, out, (bad, model_dirs[1])))
+    assert committed_rows(out) == 0
