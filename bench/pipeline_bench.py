@@ -24,10 +24,10 @@ Everything runs on one set of rows and one saved random-weight model, in one pro
    (`ray.init(address="local", num_cpus=4)`; its startup is timed but excluded), run twice ("cold",
    "warm"), interleaved with in-process runs of the adaptive GlimpseUDF on the same rows
    (engine, cold, engine, warm, engine). The pipeline time is run_job's wall time: plan and shard
-   checks, Parquet read, repartition, a fresh actor pool (worker process, torch import, model load:
-   Ray Data starts new actors for each execution, so "warm" pays it too), the image stage (Ray Data
-   fuses it into the actor: decode + resize run there, before the model), the model stage, the
-   groupby shuffle, Parquet write, summary. The engine figure is the model stage alone (model loaded,
+   checks, a fresh actor pool (worker process, torch import, model load: Ray Data starts new actors
+   for each execution, so "warm" pays it too), the read + image stage (CPU tasks, not fused into the
+   actor), the model stage, the streamed part writes and per-shard commits, summary (the plan is
+   described in `pipeline/run.py`). The engine figure is the model stage alone (model loaded,
    rows already decoded). Overhead = pipeline - engine wall; a fresh Python process that imports the
    project and constructs GlimpseUDF is timed apart (what each actor start costs, minus Ray's worker
    spawn), and the rest is left by difference. The in-process image stage and GlimpseUDF construction
