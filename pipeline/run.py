@@ -420,15 +420,22 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
     return False
 
 
-def _is_actor_creation_failure(exc: BaseException) -> bool:
-    """The model actors' constructor raised (model cannot be loaded): no row was computed."""
+def _chain_has(exc: Optional[BaseException], kind: str, text: str) -> bool:
+    """Whether `exc` or an exception it was raised from is a `ray.exceptions.<kind>` whose message
+    contains `text`."""
     import ray
 
+    wanted = getattr(ray.exceptions, kind)
     while exc is not None:
-        if isinstance(exc, ray.exceptions.ActorDiedError) and "creation task" in str(exc):
+        if isinstance(exc, wanted) and text in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _is_actor_creation_failure(exc: BaseException) -> bool:
+    """The model actors' constructor raised (model cannot be loaded): no row was computed."""
+    return _chain_has(exc, "ActorDiedError", "creation task")
 
 
 def root_cause(exc: BaseException) -> str:
@@ -443,13 +450,7 @@ def root_cause(exc: BaseException) -> str:
 
 
 def _is_actor_start_timeout(exc: BaseException) -> bool:
-    import ray
-
-    while exc is not None:
-        if isinstance(exc, ray.exceptions.GetTimeoutError) and "starting actors" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return _chain_has(exc, "GetTimeoutError", "starting actors")
 
 
 def _cluster_resources() -> str:
