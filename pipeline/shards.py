@@ -78,16 +78,22 @@ def inspect_shard(url: str, key: str, cols: InputColumns, options: StorageOption
     """Footer + object metadata of one shard (no row data is read). Raises ShardProblem."""
     try:
         meta = storage.info(url, options)
-        fs, path = storage.pyarrow_filesystem(url, options)
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            schema = parquet.schema_arrow
-            groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
+        schema, groups = storage.with_retries(lambda: _footer(url, options), options.retry_deadline_s,
+                                              f"reading the footer of {describe(url)}")
+    except storage.TransientStorageError as exc:
+        raise ShardProblem(f"could not be read ({one_line(exc, 300)}); a re-run retries it") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
         raise ShardProblem(f"not a readable Parquet file ({type(exc).__name__}: {one_line(exc, 200)})") from None
     check_schema(schema, cols)
     return ShardInfo(url=url, key=key, num_rows=sum(groups), row_groups=groups, size=meta.get("size"),
                      version=None if meta.get("version") is None else str(meta.get("version")))
+
+
+def _footer(url: str, options: StorageOptions) -> tuple[pa.Schema, tuple[int, ...]]:
+    fs, path = storage.pyarrow_filesystem(url, options)
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        return parquet.schema_arrow, tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
 
 
 def row_group_spans(info: ShardInfo) -> list[tuple[int, int, int]]:

@@ -324,3 +324,28 @@ def test_give_up_message_names_the_cause_and_hides_signatures():
     text = str(caught.value)
     assert "from ClientResponseError: 503" in text and "Service Unavailable" in text
     assert "secret123" not in text and "pw@" not in text
+
+
+def test_shard_footer_read_is_retried_and_a_lasting_transient_fault_is_one_retryable_line(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from pipeline import shards
+    from schemas.job import InputColumns
+
+    url = str(tmp_path / "part.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [b"x", b"y"], "question": ["q", "q"]}), url)
+    real, calls = shards._footer, []
+
+    def flaky(u, options):
+        calls.append(u)
+        if len(calls) <= 2:
+            raise ConnectionResetError("reset by peer")
+        return real(u, options)
+
+    monkeypatch.setattr(shards, "_footer", flaky)
+    info = shards.inspect_shard(url, "part", InputColumns(), StorageOptions(retry_deadline_s=5))
+    assert info.num_rows == 2 and len(calls) == 3
+
+    monkeypatch.setattr(shards, "_footer", lambda u, o: (_ for _ in ()).throw(ConnectionResetError("reset by peer")))
+    with pytest.raises(shards.ShardProblem, match="could not be read .*transient.*a re-run retries it"):
+        shards.inspect_shard(url, "part", InputColumns(), StorageOptions(retry_deadline_s=0.2))
