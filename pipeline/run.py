@@ -169,7 +169,7 @@ def _split_first_unit(plan: Plan, block_rows: int) -> None:
     rows = unit["wanted"]
     if rows is None:
         span = sum(first.info.row_groups[i] for i in unit["row_groups"])
-        rows = list(range(unit["first_row"], unit["first_row"] + min(span, first.rows - unit["first_row"])))
+        rows = list(range(unit["first_row"], unit["first_row"] + span))  # a complete unit: all its rows
     if len(rows) <= block_rows:
         return
     first.units[0:1] = [dict(unit, wanted=rows[:block_rows]), dict(unit, wanted=rows[block_rows:])]
@@ -408,9 +408,9 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
     except KeyboardInterrupt:
         return True
     except Exception as exc:
-        if _is_actor_creation_failure(exc):
+        if _chain_has(exc, "ActorDiedError", "creation task"):  # the actors' constructor raised
             raise CouldNotStart(f"the model stage could not start: {root_cause(exc)}") from exc
-        if _is_actor_start_timeout(exc):
+        if _chain_has(exc, "GetTimeoutError", "starting actors"):  # wait_for_min_actors_s ran out
             r = job.resources
             raise CouldNotStart(
                 f"the model actors did not start within resources.actor_start_timeout_s={r.actor_start_timeout_s} s "
@@ -433,11 +433,6 @@ def _chain_has(exc: Optional[BaseException], kind: str, text: str) -> bool:
     return False
 
 
-def _is_actor_creation_failure(exc: BaseException) -> bool:
-    """The model actors' constructor raised (model cannot be loaded): no row was computed."""
-    return _chain_has(exc, "ActorDiedError", "creation task")
-
-
 def root_cause(exc: BaseException) -> str:
     """The innermost 'SomeError: message' line of an exception (Ray wraps worker errors in tracebacks)."""
     import re
@@ -447,10 +442,6 @@ def root_cause(exc: BaseException) -> str:
     if causes:
         return causes[-1].split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + causes[-1].split(": ", 1)[1]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
-def _is_actor_start_timeout(exc: BaseException) -> bool:
-    return _chain_has(exc, "GetTimeoutError", "starting actors")
 
 
 def _cluster_resources() -> str:
