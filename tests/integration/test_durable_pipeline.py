@@ -131,6 +131,14 @@ def test_resume_counts_exactly_what_was_staged(tmp_path, ray_runtime, model_dirs
     assert summary["this_run"]["rows_computed"] == 16 - resumed
     assert summary["shards_skipped"] == 1
     _ids_exactly_once(out, 32)
+    # A run killed after writing a shard's record but before removing its staging: the next run
+    # counts the shard once, as committed, and only finishes the clean-up.
+    shutil.copytree(keep, out / "_staging" / "part-00001")
+    assert staged_rows(out) == 0 and committed_rows(out) == 32
+    summary = run_job(job_for(inputs, out, model_dirs, "batching.max_rows=1", "output.mode=skip_existing"))
+    assert summary["shards_skipped"] == 2 and summary["this_run"]["rows_computed"] == 0
+    assert not list(out.glob("_staging/*/*/*.parquet"))
+    _ids_exactly_once(out, 32)
 
 
 def _model_actor_pids():
