@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,6 +90,8 @@ class Sampler(threading.Thread):
         self.first_part_s = None
         self.peak_store = 0
         self.peak_rss = 0
+        self.cpu = {}  # pid -> [kind, cpu-s at first sight, cpu-s now]
+        self.actor_cpu = []  # (t, cpu-s of the model actors)
 
     def run(self) -> None:
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
@@ -100,9 +103,56 @@ class Sampler(threading.Thread):
             except Exception:  # noqa: BLE001 - a missed sample is just missed
                 pass
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            if len(self.actor_cpu) < (time.monotonic() - self.start_t):  # about once a second
+                self._sample_cpu()
             if self.first_part_s is None and (any(self.output.glob("_staging/*/*/*.parquet")) or any(self.output.glob("*.parquet"))):
                 self.first_part_s = time.monotonic() - self.start_t
             self.stop_event.wait(self.every_s)
+
+
+    def _sample_cpu(self) -> None:
+        """CPU seconds per process kind (model actor, read/image tasks, write tasks, driver, Ray's own)."""
+        import psutil
+
+        actors = 0.0
+        for proc in psutil.process_iter():
+            try:
+                kind = _kind(proc)
+                times = proc.cpu_times()
+            except (psutil.Error, OSError):
+                continue
+            if kind is None:
+                continue
+            used = times.user + times.system
+            entry = self.cpu.setdefault(proc.pid, [kind, used, used])
+            if kind != "ray_idle":
+                entry[0] = kind  # a pooled worker's kind is the last task seen on it
+            entry[2] = used
+            if entry[0] == "model_actor":
+                actors += used
+        self.actor_cpu.append((time.monotonic() - self.start_t, actors))
+
+    def cpu_by_kind(self) -> dict:
+        totals: dict = {}
+        for kind, first, last in self.cpu.values():
+            totals[kind] = totals.get(kind, 0.0) + last - first
+        return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+    def actor_busy(self, t0: float, t1: float) -> Optional[float]:
+        """Model-actor CPU seconds per wall second between t0 and t1 (1.0 = one core all the time)."""
+        inside = [(t, c) for t, c in self.actor_cpu if t0 <= t <= t1]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def _kind(proc) -> Optional[str]:
+    line = " ".join(proc.cmdline())[:300]
+    for needle, kind in (("GlimpseUDF", "model_actor"), ("read_stage", "read_image_tasks"), ("write_stage", "write_tasks"),
+                         ("IDLE", "ray_idle"), ("raylet", "raylet"), ("gcs_server", "gcs"), ("durable_bench", "driver")):
+        if needle in line:
+            return kind
+    return "ray_other" if "ray" in line else None
 
 
 def run_pipeline(inputs: Path, output: Path, models, args) -> dict:
@@ -122,6 +172,9 @@ def run_pipeline(inputs: Path, output: Path, models, args) -> dict:
         "first_durable_s_driver": run["first_durable_s"], "steady_rows_per_s": run["steady_rows_per_s"],
         "rows_per_s": run["rows_computed"] / wall, "peak_object_store_bytes": sampler.peak_store,
         "peak_driver_rss_bytes": sampler.peak_rss, "rows_error": summary["rows_error"],
+        "cpu_s_by_process_kind": sampler.cpu_by_kind(),
+        "model_actor_busy_10_90": sampler.actor_busy(0.1 * wall, 0.9 * wall),
+        "model_actor_cpu_s_per_row": sampler.cpu_by_kind().get("model_actor", 0.0) / max(run["rows_computed"], 1),
     }
 
 
@@ -149,11 +202,13 @@ def run_engine(inputs: Path, models, args) -> dict:
     table = pa.concat_tables(blocks)
     udf = GlimpseUDF(job)
     udf(table.slice(0, min(block_rows, table.num_rows)))  # warm-up
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     for offset in range(0, table.num_rows, block_rows):
         udf(table.slice(offset, block_rows))
     seconds = time.monotonic() - start
-    return {"rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds}
+    cpu = time.process_time() - cpu_start
+    return {"rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds,
+            "cpu_s_per_row": cpu / table.num_rows}
 
 
 def main(argv=None) -> int:
@@ -187,6 +242,9 @@ def main(argv=None) -> int:
         f"driver_rss_peak_{args.scale}x_over_1x": many["peak_driver_rss_bytes"] / max(one["peak_driver_rss_bytes"], 1),
         "pipeline_steady_over_engine_1x": (one["steady_rows_per_s"] or 0) / engine["rows_per_s"],
         f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+        # Model-actor CPU per row (its start included) over the engine's: above 1, each row costs the
+        # actor more CPU than in-process (cores shared with image decoding, Ray's processes).
+        f"actor_cpu_per_row_over_engine_{args.scale}x": many["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"],
     }
     result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "load_avg": os.getloadavg()},
