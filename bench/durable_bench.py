@@ -5,7 +5,8 @@ One process run, one model, one local Ray runtime:
      records the Ray object store's bytes in use (raylet memory info), the driver's RSS (psutil) and
      the time the first part file appears under `_staging/` (time to first durable output);
      The scale*N input is `scale` copies of the N-row input's shards (same rows, new shard names);
-  2. the engine alone on the N rows of the same data: `GlimpseUDF` (the pipeline's model stage,
+  2. the engine alone on the N rows of the same data, once before and once after the pipeline runs
+     (the ratios use the mean rate): `GlimpseUDF` (the pipeline's model stage,
      same code, same batch size) called in-process on image-stage blocks, torch at 1 thread as in the
      actor (Ray gives fractional-CPU actors OMP_NUM_THREADS=1); image decoding excluded, model load
      excluded.
@@ -211,6 +212,15 @@ def run_engine(inputs: Path, models, args) -> dict:
             "cpu_s_per_row": cpu / table.num_rows}
 
 
+def combine_engine_runs(before: dict, after: dict) -> dict:
+    """The engine is timed before and after the pipeline runs (the machine's speed drifts by 10-15%
+    over minutes here); the ratios use the mean of the two rates, and `spread` says how far apart
+    they were."""
+    rate = (before["rows_per_s"] + after["rows_per_s"]) / 2
+    return {"rows": before["rows"], "rows_per_s": rate, "cpu_s_per_row": (before["cpu_s_per_row"] + after["cpu_s_per_row"]) / 2,
+            "spread": abs(before["rows_per_s"] - after["rows_per_s"]) / rate}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5000)
@@ -230,12 +240,14 @@ def main(argv=None) -> int:
     small = make_inputs(root, args.rows, args.rows_per_shard)
     large = replicate_inputs(small, args.scale)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    engine_before = run_engine(small, models, args)
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     one = run_pipeline(small, root / "out-1x", models, args)
     many = run_pipeline(large, root / f"out-{args.scale}x", models, args)
     ray.shutdown()
-    engine = run_engine(small, models, args)
+    engine_after = run_engine(small, models, args)
+    engine = combine_engine_runs(engine_before, engine_after)
     ratios = {
         "first_durable_share_1x": one["first_durable_share"], f"first_durable_share_{args.scale}x": many["first_durable_share"],
         f"object_store_peak_{args.scale}x_over_1x": many["peak_object_store_bytes"] / max(one["peak_object_store_bytes"], 1),
@@ -248,7 +260,8 @@ def main(argv=None) -> int:
     }
     result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "load_avg": os.getloadavg()},
-              "pipeline_1x": one, f"pipeline_{args.scale}x": many, "engine_1x": engine, "ratios": ratios}
+              "pipeline_1x": one, f"pipeline_{args.scale}x": many, "engine_1x": engine,
+              "engine_runs": {"before": engine_before, "after": engine_after}, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, value in ratios.items():

@@ -269,7 +269,8 @@ def build_dataset(job: JobSpec, plan: Plan, run_id: str):
                         num_cpus=0.5, memory=READ_TASK_MEMORY)
     ds = ds.map_batches(
         GlimpseUDF, fn_constructor_kwargs={"job": job, "env": env}, batch_format="pyarrow", batch_size=block_rows,
-        compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+                                           max_tasks_in_flight_per_actor=r.blocks_ahead_per_actor),
         num_gpus=r.num_gpus_per_actor, num_cpus=r.num_cpus_per_actor,
     )
     return ds.map_batches(write_stage, fn_kwargs={"context": parts, "env": env}, batch_size=None,

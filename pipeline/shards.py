@@ -109,13 +109,22 @@ def read_rows(url: str, key: str, row_groups: Sequence[int], first_row: int, wan
               options: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
     """Blocks of at most `block_rows` rows of the given row groups (contiguous, starting at shard row
     `first_row`), keeping only the shard rows in `wanted` (None = all), with `_key`, `_row` and
-    `_read_error` appended. Storage errors propagate (Ray retries the task)."""
+    `_read_error` appended.
+
+    Each block is fetched under `storage.with_retries` (deadline `options.retry_deadline_s`, counted
+    afresh for every block): a transient fault mid-file reopens the shard and resumes after the rows
+    already passed on, so a reset costs a re-read, never a lost or repeated row. A fault that outlasts
+    the deadline raises TransientStorageError (Ray then retries the whole task); permanent errors
+    propagate at once."""
     wanted_set = None if wanted is None else set(wanted)
-    fs, path = storage.pyarrow_filesystem(url, options)
+    reader = _ResumableBatches(url, options, list(row_groups), block_rows)
     row = first_row
-    with fs.open_input_file(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=block_rows, row_groups=list(row_groups),
-                                                         use_threads=False):
+    try:
+        while True:
+            batch = storage.with_retries(reader.next_batch, options.retry_deadline_s,
+                                         f"reading rows of {describe(url)} after row {row}")
+            if batch is None:
+                return
             table = pa.Table.from_batches([batch])
             rows = pa.array(range(row, row + table.num_rows), pa.int64())
             row += table.num_rows
@@ -124,6 +133,56 @@ def read_rows(url: str, key: str, row_groups: Sequence[int], first_row: int, wan
                 table, rows = table.filter(keep), rows.filter(keep)
             if table.num_rows:
                 yield _tagged(table, key, rows)
+    finally:
+        reader.close()
+
+
+def _open_batches(url: str, options: StorageOptions, row_groups: list, block_rows: int):
+    """(file handle, record-batch iterator) over the row groups of one shard."""
+    fs, path = storage.pyarrow_filesystem(url, options)
+    handle = fs.open_input_file(path)
+    try:
+        batches = pq.ParquetFile(handle).iter_batches(batch_size=block_rows, row_groups=row_groups, use_threads=False)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, batches
+
+
+class _ResumableBatches:
+    """The record batches of some row groups, one `next_batch()` at a time. After a failed call the
+    next one reopens the file and skips the rows already returned (Parquet batch boundaries are the
+    same for the same file, row groups and batch size)."""
+
+    def __init__(self, url: str, options: StorageOptions, row_groups: list, block_rows: int):
+        self.url, self.options, self.row_groups, self.block_rows = url, options, row_groups, block_rows
+        self.returned = 0  # rows handed out so far
+        self._handle = self._batches = None
+
+    def next_batch(self) -> Optional[pa.RecordBatch]:
+        try:
+            if self._batches is None:
+                self._handle, self._batches = _open_batches(self.url, self.options, self.row_groups, self.block_rows)
+                skipped = 0
+                while skipped < self.returned:
+                    skipped += next(self._batches).num_rows
+                if skipped != self.returned:  # cannot happen with a file that did not change
+                    raise ShardProblem(f"{describe(self.url)} changed while it was read")
+            batch = next(self._batches, None)
+        except BaseException:
+            self.close()
+            raise
+        if batch is not None:
+            self.returned += batch.num_rows
+        return batch
+
+    def close(self) -> None:
+        handle, self._handle, self._batches = self._handle, None, None
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                pass
 
 
 def _tagged(table: pa.Table, key: str, rows: pa.Array) -> pa.Table:

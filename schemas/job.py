@@ -336,6 +336,11 @@ class ResourcesSpec(StrictModel):
     ray_num_cpus: Optional[int] = Field(
         None, ge=1, le=4_096, description="Logical CPUs of a local cluster (only when ray_address is None)."
     )
+    blocks_ahead_per_actor: int = Field(
+        4, ge=1, le=64,
+        description="Blocks handed to each model actor at once (the one it works on and the ones queued behind "
+        "it), so it never waits for its next input; more uses more object-store memory.",
+    )
     actor_start_timeout_s: int = Field(
         900, ge=10, le=86_400,
         description="Seconds the run waits for its first min_actors model actors (model download and load "

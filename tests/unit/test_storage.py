@@ -349,3 +349,46 @@ def test_shard_footer_read_is_retried_and_a_lasting_transient_fault_is_one_retry
     monkeypatch.setattr(shards, "_footer", lambda u, o: (_ for _ in ()).throw(ConnectionResetError("reset by peer")))
     with pytest.raises(shards.ShardProblem, match="could not be read .*transient.*a re-run retries it"):
         shards.inspect_shard(url, "part", InputColumns(), StorageOptions(retry_deadline_s=0.2))
+
+
+def test_row_reads_resume_after_a_mid_file_fault_without_losing_or_repeating_rows(tmp_path, monkeypatch):
+    """A reset after two blocks: the shard is reopened, the rows already passed on are skipped; every
+    row comes out once, in order. A fault that outlasts the deadline is a TransientStorageError."""
+    import pyarrow.parquet as pq
+
+    from pipeline import shards
+
+    url = str(tmp_path / "part.parquet")
+    n = 50
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "image": [b"x"] * n, "question": ["q"] * n}),
+                   url, row_group_size=20)
+    real, opened = shards._open_batches, []
+
+    def flaky_open(u, options, row_groups, block_rows):
+        handle, batches = real(u, options, row_groups, block_rows)
+        opened.append(u)
+
+        def gen():
+            for index, batch in enumerate(batches):
+                if len(opened) == 1 and index == 2:
+                    raise ConnectionResetError(104, "reset by peer")
+                yield batch
+        return handle, gen()
+
+    monkeypatch.setattr(shards, "_open_batches", flaky_open)
+    blocks = list(shards.read_rows(url, "part", [0, 1, 2], 0, None, StorageOptions(retry_deadline_s=5), 8))
+    ids = [i for b in blocks for i in b.column("id").to_pylist()]
+    rows = [r for b in blocks for r in b.column("_row").to_pylist()]
+    assert ids == [f"r{i}" for i in range(n)] and rows == list(range(n))
+    assert len(opened) == 2  # one reopen
+
+    # only some rows wanted, and a fault on every open: the deadline ends it with a transient error
+    def dead_open(u, options, row_groups, block_rows):
+        raise ConnectionResetError(104, "reset by peer")
+
+    monkeypatch.setattr(shards, "_open_batches", dead_open)
+    with pytest.raises(storage.TransientStorageError, match="reading rows of"):
+        list(shards.read_rows(url, "part", [1], 20, [21, 25], StorageOptions(retry_deadline_s=0.2), 8))
+    monkeypatch.setattr(shards, "_open_batches", real)
+    wanted = list(shards.read_rows(url, "part", [1], 20, [21, 25], StorageOptions(retry_deadline_s=0.2), 8))
+    assert [r for b in wanted for r in b.column("_row").to_pylist()] == [21, 25]
