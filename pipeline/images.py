@@ -9,7 +9,7 @@ Contract (columns, see `schemas.rows`):
   out: `id` (the id column, renamed) + passthrough columns (clashing names get an `input_` prefix;
        the question column stays; the image column is dropped when it holds bytes and kept when it
        holds URLs/paths) + `status`, `error`, `visual_tokens`, `image_s`, `_transient` + stage columns
-       `_prompt`, `_images` (PNG bytes per image), `_image_tokens`.
+       `_prompt`, `_images` (raw RGB frames per image, `schemas.rows.encode_frame`), `_image_tokens`.
 Rows in = rows out, same order. A bad row never raises: it gets status "error" and a one-line
 message naming the image index and the numbers ("image 0: 20000x20000 = 400000000 pixels exceeds
 image.max_source_pixels 100000000").
@@ -26,7 +26,7 @@ Per image: bytes or URL/path (a list of either for multi-image rows; Hugging Fac
 structs too) -> size cap (max_image_bytes, from metadata before download) -> header-only open ->
 decompression-bomb guard (max_source_pixels from the header, before any pixel is decoded) -> JPEG
 draft decoding near the target size -> EXIF orientation -> RGB (alpha composited on white, 16-bit
-scaled) -> `smart_resize` -> PNG. visual_tokens = sum over images of (h/28) * (w/28).
+scaled) -> `smart_resize` -> raw RGB frame. visual_tokens = sum over images of (h/28) * (w/28).
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from schemas.rows import (
     STATUS_ERROR,
     STATUS_OK,
     TRANSIENT_COLUMN,
+    encode_frame,
     one_line,
     passthrough_renames,
 )
@@ -297,13 +298,6 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """Lossless and fast (compress_level=1): the model stage decodes it again moments later."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------------
 # One row
 
@@ -320,7 +314,7 @@ def resolve_prompt(question: Any, default_prompt: Optional[str]) -> str:
 
 
 def prepare_row(image_value: Any, question: Any, config: ImageStageConfig) -> PreparedRow:
-    """Prompt + resized PNGs for one row, or a `PreparedRow` carrying a one-line error."""
+    """Prompt + resized image frames for one row, or a `PreparedRow` carrying a one-line error."""
     try:
         prompt = resolve_prompt(question, config.prompt)
         sources = image_sources(image_value)
@@ -331,7 +325,7 @@ def prepare_row(image_value: Any, question: Any, config: ImageStageConfig) -> Pr
         images, tokens = [], []
         for index, source in enumerate(sources):
             image = decode_image(load_source(source, index, config), index, config)
-            images.append(encode_png(image))
+            images.append(encode_frame(image))
             tokens.append(visual_tokens(image.height, image.width))
         return PreparedRow(prompt=prompt, images=tuple(images), image_tokens=tuple(tokens))
     except RowError as exc:

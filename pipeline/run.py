@@ -517,6 +517,8 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
         "shards_redone": plan.redo,
         "duplicate_ids": sum(c.duplicate_ids for c in commits.values()),
         "null_ids": sum(c.null_ids for c in commits.values()),
+        "duplicate_ids_across_shards": writer.cross_shard_duplicate_ids(
+            job.output, {k: records[k] for k in sorted(listed & set(records))}),
         "mean_pad_fraction": tally.pad_sum / tally.pad_rows if tally.pad_rows else None,
         "interrupted": interrupted,
         "this_run": {
@@ -530,6 +532,10 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
     if extra["duplicate_ids"] or extra["null_ids"]:
         log.warning("ids: %d duplicate(s) and %d null(s) within shards (rows kept; see the shard records)",
                     extra["duplicate_ids"], extra["null_ids"])
+    if extra["duplicate_ids_across_shards"]:
+        log.warning("ids: %d id(s) occur in more than one shard (rows kept)", extra["duplicate_ids_across_shards"])
+    elif extra["duplicate_ids_across_shards"] is None:
+        log.info("ids: the cross-shard duplicate check was skipped (output over 50M rows)")
     summary = writer.build_summary(totals, wall_s, job, shards_total=len(plan.keys), shards_skipped=len(plan.skipped), extra=extra)
     summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
     summary["summary_url"] = writer.write_summary(job.output, summary)

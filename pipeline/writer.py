@@ -309,6 +309,36 @@ def commit_shard(output: OutputSpec, key: str, *, fingerprint: str, num_rows: in
     return CommitResult(key, num_rows, transient == 0, files, stats, duplicate_ids=duplicates, null_ids=nulls)
 
 
+def cross_shard_duplicate_ids(output: OutputSpec, records: Mapping[str, Mapping[str, Any]],
+                              max_rows: int = 50_000_000) -> Optional[int]:
+    """Ids that occur in more than one shard's committed output, counted once per extra shard (ids
+    repeated within one shard are the records' own `duplicate_ids`). Reads only the id column of the
+    files the records list; 8 bytes per row in memory (a 64-bit hash of each id). None when the
+    output holds more than `max_rows` rows (the check is skipped there, and the summary says so)."""
+    import numpy as np
+    from pandas.util import hash_array
+
+    if sum(int((r.get("stats") or {}).get("rows_total", 0)) for r in records.values()) > max_rows:
+        return None
+
+    def shard_hashes(record: Mapping[str, Any]):
+        ids = [storage.read_parquet(storage.join_url(output.uri, name), output.storage, columns=[ID_COLUMN]).column(ID_COLUMN)
+               for name in record.get("files", [])]
+        if not ids:
+            return np.empty(0, np.uint64)
+        values = pc.cast(pa.chunked_array([c for col in ids for c in col.chunks], ids[0].type), pa.string()).drop_null()
+        return np.unique(hash_array(np.asarray(values.to_pylist(), dtype=object)))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        per_shard = list(pool.map(shard_hashes, records.values()))
+    if len(per_shard) < 2:
+        return 0
+    every = np.concatenate(per_shard)
+    return int(len(every) - len(np.unique(every)))
+
+
 def finish_commit(output: OutputSpec, key: str, record: Mapping[str, Any], keep_staging: Optional[str] = None) -> None:
     """After a record is written: remove the files it superseded and the shard's staging (all of it,
     or all but `keep_staging`, the fingerprint whose transient rows a re-run retries). Idempotent,

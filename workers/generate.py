@@ -17,14 +17,13 @@ so Ray restarts the actor (its task is retried); any other exception becomes err
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
 import pyarrow as pa
 
 from schemas.job import JobSpec
-from schemas.rows import IMAGES_COLUMN, PROMPT_COLUMN, STATUS_ERROR, STATUS_OK, one_line
+from schemas.rows import IMAGES_COLUMN, PROMPT_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
 from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
@@ -101,12 +100,12 @@ class GlimpseUDF:
         return pack_by_budget(lengths, budget, self.job.batching.max_rows, extra=extra)
 
     def _request(self, row: dict):
-        from PIL import Image
-
         from workers.modeling.api import GenerationRequest
 
-        images = tuple(Image.open(io.BytesIO(data)).convert("RGB") for data in row[IMAGES_COLUMN] or [])
-        return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN])
+        images = tuple(decode_frame(data) for data in row[IMAGES_COLUMN] or [])
+        expected = row.get("visual_tokens")
+        return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN],
+                                 visual_tokens=int(expected) if expected is not None and images else None)
 
     def _glimpse(self, todo, requests, raw, out) -> dict:
         """Glimpse pass in raw-token batches; returns {row: (GlimpsedRow, seconds per row)}."""
@@ -163,10 +162,28 @@ def _storage_options(job: JobSpec) -> dict:
 
 
 def _match_resize(processor, min_pixels: int, max_pixels: int) -> None:
-    """Make the processor's resize bounds the job's, so images resized by the image stage stay as they are."""
+    """Make the processor's resize bounds the job's, so images resized by the image stage stay as they
+    are (and the model sees the visual tokens the stage counted). transformers 4.x keeps them in
+    `min_pixels`/`max_pixels` attributes, 5.x in `size` (a `SizeDict` or a dict) as
+    shortest_edge/longest_edge. Raises ValueError if the processor still has other bounds."""
     ip = processor.image_processor
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if hasattr(ip, name):
             setattr(ip, name, value)
-    if isinstance(getattr(ip, "size", None), dict):
-        ip.size = {**ip.size, "shortest_edge": min_pixels, "longest_edge": max_pixels}
+    size = getattr(ip, "size", None)
+    if size is not None:
+        fields = {k: v for k, v in dict(size).items() if k not in ("min_pixels", "max_pixels")}
+        fields.update(shortest_edge=min_pixels, longest_edge=max_pixels)
+        ip.size = fields if isinstance(size, dict) else type(size)(**fields)
+    got = resize_bounds(processor)
+    if got != (min_pixels, max_pixels):
+        raise ValueError(f"the image processor keeps resize bounds {got}, not the job's image.min_pixels/max_pixels "
+                         f"({min_pixels}, {max_pixels}): visual-token counts would disagree")
+
+
+def resize_bounds(processor) -> tuple:
+    """(min_pixels, max_pixels) the processor resizes to."""
+    ip = processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    lo, hi = size.get("shortest_edge"), size.get("longest_edge")  # dict and SizeDict alike
+    return (lo if lo is not None else getattr(ip, "min_pixels", None), hi if hi is not None else getattr(ip, "max_pixels", None))

@@ -337,9 +337,13 @@ def test_duplicate_and_null_ids_are_reported(tmp_path, ray_runtime, model_dirs):
     inputs.mkdir()
     img = png(Image.new("RGB", (56, 56), (10, 200, 30)))
     pq.write_table(pa.table({"id": ["x", "x", None], "image": [img] * 3, "question": ["What color?"] * 3}), inputs / "dups.parquet")
+    # "x" again and "y" in a second shard, "y" in a third: 2 ids occur in more than one shard
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [img] * 2, "question": ["What color?"] * 2}), inputs / "more.parquet")
+    pq.write_table(pa.table({"id": ["y", "z"], "image": [img] * 2, "question": ["What color?"] * 2}), inputs / "third.parquet")
     summary = run_job(job_for(inputs, out, model_dirs))
     assert summary["duplicate_ids"] == 1 and summary["null_ids"] == 1
-    assert read_output(out).num_rows == 3  # rows in = rows out, even so
+    assert summary["duplicate_ids_across_shards"] == 2
+    assert read_output(out).num_rows == 7  # rows in = rows out, even so
 
 
 @pytest.mark.parametrize("base", ["/no/such/model", "EMPTY"])

@@ -15,7 +15,8 @@ from PIL import Image
 from pipeline.images import ImageStageConfig, decode_batch, prepare_row, smart_resize, to_rgb
 from schemas.job import ImageSpec, InputColumns
 from schemas.rows import (
-    FIXED_COLUMNS, IMAGE_TOKENS_COLUMN, IMAGES_COLUMN, OUTPUT_SCHEMA, PROMPT_COLUMN, STAGE_COLUMNS, error_row,
+    FIXED_COLUMNS, IMAGE_TOKENS_COLUMN, IMAGES_COLUMN, OUTPUT_SCHEMA, PROMPT_COLUMN, STAGE_COLUMNS, FRAME_MAGIC,
+    decode_frame, encode_frame, error_row,
 )
 
 FACTOR = 28
@@ -46,7 +47,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def decoded(row) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(data)) for data in row.images]
+    return [decode_frame(data) for data in row.images]
 
 
 def run_one(image_value, question="What is this?", cfg=None):
@@ -62,7 +63,8 @@ def test_good_image_is_resized_to_multiples_of_28(fmt):
     row = run_one(encode(noise(640, 480), fmt))
     assert row.error is None and row.prompt == "What is this?"
     (image,) = decoded(row)
-    assert image.format == "PNG" and image.mode == "RGB" and image.size == (644, 476)
+    assert row.images[0][:4] == FRAME_MAGIC and len(row.images[0]) == 12 + 644 * 476 * 3
+    assert image.mode == "RGB" and image.size == (644, 476)
     assert row.image_tokens == ((644 // FACTOR) * (476 // FACTOR),) and row.visual_tokens == 23 * 17
 
 
@@ -326,3 +328,12 @@ def test_error_row_is_a_full_row_with_defaults():
     assert error_row({}, "  ")["error"] == "unknown error"
     with pytest.raises(TypeError, match="not output columns"):
         error_row({}, "x", bogus=1)
+
+
+def test_frames_round_trip_and_a_cut_frame_is_an_error():
+    image = noise(56, 84)
+    frame = encode_frame(image)
+    assert decode_frame(frame).tobytes() == image.convert("RGB").tobytes() and decode_frame(frame).size == (56, 84)
+    assert decode_frame(encode(image, "PNG")).tobytes() == image.convert("RGB").tobytes()  # encoded files still work
+    with pytest.raises(ValueError, match="truncated or padded"):
+        decode_frame(frame[:-3])

@@ -49,6 +49,10 @@ class GenerationRequest:
     # Optional explicit keep mask over this row's visual tokens (all its images, in token order; bool
     # sequence or BoolTensor [N_v]); it replaces the keep rule. All-False keeps no visual token.
     keep_mask: Optional[Any] = None
+    # Optional: the visual-token count the caller sized its images to (the pipeline's image stage).
+    # `build_inputs` raises if the processor's image_grid_thw gives another count (its resize bounds
+    # differ from the caller's), instead of the model silently seeing fewer or more tokens.
+    visual_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
