@@ -164,8 +164,8 @@ class _ResumableBatches:
             if self._batches is None:
                 self._handle, self._batches = _open_batches(self.url, self.options, self.row_groups, self.block_rows)
                 skipped = 0
-                while skipped < self.returned:
-                    skipped += next(self._batches).num_rows
+                while skipped < self.returned and (batch := next(self._batches, None)) is not None:
+                    skipped += batch.num_rows
                 if skipped != self.returned:  # cannot happen with a file that did not change
                     raise ShardProblem(f"{describe(self.url)} changed while it was read")
             batch = next(self._batches, None)

@@ -327,7 +327,7 @@ def cross_shard_duplicate_ids(output: OutputSpec, records: Mapping[str, Mapping[
         if not ids:
             return np.empty(0, np.uint64)
         values = pc.cast(pa.chunked_array([c for col in ids for c in col.chunks], ids[0].type), pa.string()).drop_null()
-        return np.unique(hash_array(np.asarray(values.to_pylist(), dtype=object)))
+        return np.unique(hash_array(values.to_numpy()))
 
     from concurrent.futures import ThreadPoolExecutor
 

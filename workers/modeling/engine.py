@@ -53,13 +53,15 @@ class GlimpseEngine:
             images.extend(req.images)
         self.processor.tokenizer.padding_side = "left"
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        check_visual_tokens(requests, batch.get("image_grid_thw"), getattr(self.processor.image_processor, "merge_size", 2))
-        return ModelInputs(
+        inputs = ModelInputs(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch.get("pixel_values"),
             image_grid_thw=batch.get("image_grid_thw"),
         )
+        if any(r.visual_tokens is not None for r in requests):
+            check_visual_tokens(requests, self.core.visual_tokens(inputs))
+        return inputs
 
     def generate(
         self,
@@ -230,17 +232,11 @@ def _now(device) -> float:
     return time.perf_counter()
 
 
-def check_visual_tokens(requests: Sequence[GenerationRequest], grid, merge: int) -> None:
-    """Raise ValueError if a request that states its visual-token count gets another one from the
-    processor's image_grid_thw ([n_images, 3], images in request order)."""
-    if grid is None or not any(r.visual_tokens is not None for r in requests):
-        return
-    per_image = (grid.prod(-1) // merge**2).tolist()
-    start = 0
-    for req in requests:
-        got = sum(per_image[start:start + len(req.images)])
-        start += len(req.images)
-        if req.visual_tokens is not None and got != req.visual_tokens:
+def check_visual_tokens(requests: Sequence[GenerationRequest], per_sample: list) -> None:
+    """Raise ValueError if a request that states its visual-token count got another one from the
+    processor (`per_sample`: per request, the token count of each of its images)."""
+    for req, counts in zip(requests, per_sample):
+        if req.visual_tokens is not None and sum(counts) != req.visual_tokens:
             sizes = ", ".join(f"{im.width}x{im.height}" for im in req.images)
-            raise ValueError(f"the image processor made {got} visual tokens of image(s) {sizes} that were sized to "
+            raise ValueError(f"the image processor made {sum(counts)} visual tokens of image(s) {sizes} that were sized to "
                              f"{req.visual_tokens}: its resize bounds differ from the job's image.min_pixels/max_pixels")

@@ -107,6 +107,10 @@ class QwenGlimpseModel:
         if modules is not None:
             self._check_modules(modules)
 
+    def visual_tokens(self, inputs: ModelInputs) -> list:
+        """Per sample, the visual-token count of each of its images."""
+        return _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
+
     def _check_modules(self, modules: GlimpseModules) -> None:
         cfg, text = modules.config, compat.text_config(self.model)
         n_layers, n_blocks = len(self.lm.layers), len(self.visual.blocks)
