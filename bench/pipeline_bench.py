@@ -1,5 +1,8 @@
 """Pipeline benchmark: retained-token batching vs fixed-row batching, and what the Ray pipeline costs.
 
+Both policies are the static scheduler's (`batching.scheduler=static`); the continuous scheduler is
+measured against static batching by bench/continuous_bench.py.
+
 Everything runs on one set of rows and one saved random-weight model, in one process run:
 
 1. Batching policy, same actor code. `GlimpseUDF` (workers/generate.py) is run in-process on the
@@ -168,7 +171,7 @@ def make_job(cfg: BenchConfig, shard_dir: Path, out_dir: Path, base: Path, glimp
         f"input.uri={shard_dir}", f"output.uri={out_dir}", f"model.base={base}", f"model.glimpse_modules={glimpse}",
         f"pruning.threshold={cfg.threshold}", f"sampling.max_new_tokens={cfg.max_new_tokens}",
         f"batching.max_rows={cfg.max_rows}", f"batching.max_batch_tokens={cfg.max_batch_tokens}",
-        f"batching.max_decode_tokens={cfg.max_decode_tokens}", "output.mode=overwrite",
+        f"batching.max_decode_tokens={cfg.max_decode_tokens}", "batching.scheduler=static", "output.mode=overwrite",
     ])  # fmt: skip
 
 

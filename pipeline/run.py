@@ -293,6 +293,13 @@ class _Tally:
     kept_tokens: int = 0
     visual_tokens: int = 0
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_share: float = 0.0
+    kv_use_steps: float = 0.0
+    kv_rows: int = 0
 
     def add(self, row: dict) -> None:
         self.rows += row["rows"]
@@ -303,6 +310,19 @@ class _Tally:
         self.kept_tokens += row["kept_tokens"]
         self.visual_tokens += row["visual_tokens"]
         self.output_tokens += row["output_tokens"]
+        for name in ("prompt_tokens", "prefill_s", "decode_s", "decode_steps", "decode_share", "kv_use_steps", "kv_rows"):
+            setattr(self, name, getattr(self, name) + row[name])
+
+    def batching(self) -> dict:
+        """The model stage's batch-level figures of this run (from the per-row shares)."""
+        kv_steps = self.decode_steps if self.kv_rows else 0
+        return {
+            "achieved_concurrency": self.decode_steps / self.decode_share if self.decode_share else None,
+            "mean_kv_budget_use": self.kv_use_steps / kv_steps if kv_steps else None,
+            "prefill_tokens_per_model_s": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
+            "decode_tokens_per_model_s": self.output_tokens / self.decode_s if self.decode_s else None,
+            "model_s": self.prefill_s + self.decode_s,
+        }
 
 
 class _Committer:
@@ -527,6 +547,7 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
             "rows_per_s": tally.rows / computed, "tokens_per_s": tally.output_tokens / computed,
             "first_durable_s": progress.first_durable_s,
             "steady_rows_per_s": progress.steady_rate(),
+            "batching": tally.batching(),
         },
     }
     if extra["duplicate_ids"] or extra["null_ids"]:

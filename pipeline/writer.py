@@ -192,6 +192,8 @@ STATS_SCHEMA = pa.schema([
     ("key", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
     ("errors", pa.int64()), ("transient", pa.int64()), ("pad_sum", pa.float64()), ("pad_rows", pa.int64()),
     ("kept_tokens", pa.int64()), ("visual_tokens", pa.int64()), ("output_tokens", pa.int64()),
+    ("prompt_tokens", pa.int64()), ("prefill_s", pa.float64()), ("decode_s", pa.float64()),
+    ("decode_steps", pa.int64()), ("decode_share", pa.float64()), ("kv_use_steps", pa.float64()), ("kv_rows", pa.int64()),
 ])
 
 
@@ -237,12 +239,24 @@ def _part_stats(key: str, first: int, last: int, part: pa.Table) -> dict:
     ok = pc.equal(part.column("status"), STATUS_OK)
     total = lambda name: int(pc.sum(part.filter(ok).column(name)).as_py() or 0)  # noqa: E731
     pads = part.column("pad_fraction").drop_null()
+    done = part.filter(ok)
+    seconds = lambda name: float(pc.sum(done.column(name)).as_py() or 0.0)  # noqa: E731
+    # Decode batching: per row, its decoder forwards (output_tokens - 1) and the batch size it ran in.
+    decoded = done.filter(pc.invert(pc.is_null(done.column("decode_rows"))))
+    steps = pc.subtract(pc.cast(decoded.column("output_tokens"), pa.float64()), 1.0)
+    with_kv = decoded.filter(pc.invert(pc.is_null(decoded.column("kv_use"))))
+    kv_steps = pc.subtract(pc.cast(with_kv.column("output_tokens"), pa.float64()), 1.0)
     return {
         "key": key, "first": first, "last": last, "rows": part.num_rows,
         "errors": part.num_rows - int(pc.sum(ok).as_py() or 0),
         "transient": int(pc.sum(part.column(TRANSIENT_COLUMN)).as_py() or 0),
         "pad_sum": float(pc.sum(pads).as_py() or 0.0), "pad_rows": len(pads),
         "kept_tokens": total("kept_tokens"), "visual_tokens": total("visual_tokens"), "output_tokens": total("output_tokens"),
+        "prompt_tokens": total("prompt_tokens"), "prefill_s": seconds("prefill_s"), "decode_s": seconds("decode_s"),
+        "decode_steps": int(pc.sum(steps).as_py() or 0),
+        "decode_share": float(pc.sum(pc.divide(steps, decoded.column("decode_rows"))).as_py() or 0.0),
+        "kv_use_steps": float(pc.sum(pc.multiply(kv_steps, with_kv.column("kv_use"))).as_py() or 0.0),
+        "kv_rows": with_kv.num_rows,
     }
 
 

@@ -316,7 +316,25 @@ class BatchingSpec(StrictModel):
         65_536, ge=1, le=100_000_000,
         description="KV-cache budget per batch after pruning: sum of kept + prompt + new tokens (tokens).",
     )
-    max_rows: int = Field(32, ge=1, le=4_096, description="Maximum rows per model batch (rows).")
+    max_rows: int = Field(
+        32, ge=1, le=4_096,
+        description="Maximum rows per model batch (rows); with the continuous scheduler, rows decoding at once.",
+    )
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: rows join the decode batch when the KV budget allows and leave it the step they "
+        "finish; static: fixed groups packed by max_decode_tokens that decode until their longest row ends.",
+    )
+    kv_budget_tokens: Optional[int] = Field(
+        None, ge=1, le=10**12,
+        description="Continuous scheduler: KV-cache tokens across all layers (rows x cache length x layers, "
+        "padding included) the decode batch may hold; None = kv_memory_fraction of the device's free memory.",
+    )
+    kv_memory_fraction: float = Field(
+        0.5, gt=0.0, le=0.95,
+        description="Share of the free device memory (after the model is loaded; host memory on CPU) the default "
+        "KV budget may use.",
+    )
 
 
 class ResourcesSpec(StrictModel):

@@ -48,7 +48,12 @@ OUTPUT_SCHEMA = pa.schema(
         _field("image_s", pa.float64(), "Seconds spent loading, decoding and resizing this row's images."),
         _field("prefill_s", pa.float64(), "Seconds of prefill (glimpse pass + pruning) attributed to the row."),
         _field("decode_s", pa.float64(), "Seconds of decoding attributed to the row."),
-        _field("pad_fraction", pa.float64(), "Padding share of the generation batch the row ran in (0..1)."),
+        _field("pad_fraction", pa.float64(), "Padding share of the generation batch the row ran in (0..1); continuous "
+               "scheduler: mean over the decode steps the row took part in."),
+        _field("decode_rows", pa.float64(), "Mean rows in the decode batch over the row's decode steps (its achieved "
+               "concurrency); null for a row with one output token."),
+        _field("kv_use", pa.float64(), "Continuous scheduler: mean share of the KV budget the decode batch held over "
+               "the row's decode steps; null otherwise."),
         _field("model", pa.string(), "model.base of the job (credentials redacted)."),
         _field("glimpse_modules", pa.string(), "model.glimpse_modules of the job, if any."),
         _field("pruning", pa.string(), "The job's pruning settings as compact JSON, e.g. {\"mode\":\"glimpse\",...}."),
@@ -96,7 +101,7 @@ def fixed_defaults() -> dict[str, Any]:
         "answer": None, "status": STATUS_ERROR, "error": None,
         "visual_tokens": 0, "kept_tokens": 0, "keep_ratio": None, "kept_per_image": [],
         "prompt_tokens": 0, "output_tokens": 0, "finish_reason": None,
-        "image_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "pad_fraction": None,
+        "image_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "pad_fraction": None, "decode_rows": None, "kv_use": None,
         "model": None, "glimpse_modules": None, "pruning": None,
     }
 

@@ -5,7 +5,14 @@ Input batch (pyarrow): rows after the image stage (`status`, `error`, `visual_to
 columns of `schemas.rows.OUTPUT_SCHEMA`. Rows that failed earlier pass through untouched; a batch the
 engine cannot run (e.g. an image the processor rejects) turns only its rows into error rows.
 
-Batching inside the actor (see `workers.batching`):
+Batching inside the actor, `batching.scheduler`:
+  * continuous (default; `workers.modeling.scheduler`): the batch's rows go through the glimpse pass
+    in `max_batch_tokens` chunks and join one running decode batch as soon as the KV budget
+    (`batching.kv_budget_tokens`, default a share of the free device memory) allows; a row leaves
+    the step it finishes. A chunk that fails is retried row by row, so only a bad row becomes an
+    error row. Per row: prefill_s/decode_s are its shares of the batched work, decode_rows the
+    batch size it decoded in, kv_use and pad_fraction the decode batch's budget use and padding.
+  * static (`workers.batching`):
   1. the glimpse pass is batched under `batching.max_batch_tokens` raw tokens (prompt + visual);
   2. after pruning, rows are regrouped by retained length and generation batches are packed under
      `batching.max_decode_tokens` (retained length + max_new_tokens per row), so short pruned rows
@@ -18,17 +25,18 @@ so Ray restarts the actor (its task is retried); any other exception becomes err
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any
 
 import pyarrow as pa
 
 from schemas.job import JobSpec
-from schemas.rows import IMAGES_COLUMN, PROMPT_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
+from schemas.rows import IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, ROW_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
 from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
 MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "prompt_tokens", "output_tokens",
-                 "finish_reason", "prefill_s", "decode_s", "pad_fraction")
+                 "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use")
 
 
 def keep_rule_for(job: JobSpec):
@@ -71,19 +79,41 @@ class GlimpseUDF:
         _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
         s = job.sampling
         self.sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        self.scheduler = self._scheduler() if job.batching.scheduler == "continuous" else None
         log.info("model stage ready in %.1f s (%s, pruning %s)", time.perf_counter() - started, m.base, job.pruning.mode)
+
+    def _scheduler(self):
+        from workers.modeling.scheduler import ContinuousScheduler, SchedulerConfig, default_kv_budget
+
+        b = self.job.batching
+        budget, source = (b.kv_budget_tokens, "the job's batching.kv_budget_tokens") if b.kv_budget_tokens else \
+            default_kv_budget(self.engine.model, b.kv_memory_fraction)
+        layers = len(self.engine.core.lm.layers)
+        log.info("continuous batching: KV budget %d cache tokens (%d per layer; from %s), up to %d rows",
+                 budget, budget // layers, source, b.max_rows)
+        return ContinuousScheduler(self.engine, SchedulerConfig(budget, max_rows=b.max_rows, prefill_tokens=b.max_batch_tokens))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out: list[dict[str, Any]] = [{} for _ in rows]
         todo = [i for i, r in enumerate(rows) if r.get("status") == STATUS_OK]
-        requests = {i: self._request(rows[i]) for i in todo}
+        requests = {}
+        for i in todo:
+            try:
+                requests[i] = self._request(rows[i])
+            except Exception as exc:  # noqa: BLE001 - e.g. a truncated frame: this row only
+                out[i] = {"status": STATUS_ERROR, "error": f"model: {one_line(exc)}"}
+        todo = [i for i in todo if i in requests]
+        if self.scheduler is not None:
+            self._continuous(todo, requests, out)
+            return _assemble(batch, rows, out)
         raw = {i: len(rows[i][PROMPT_COLUMN] or "") // 3 + int(rows[i]["visual_tokens"] or 0) for i in todo}
         b = self.job.batching
         if self.engine.prunes:
             glimpsed = self._glimpse(todo, requests, raw, out)
             lengths = {i: g[0].length for i, g in glimpsed.items()}
-            run = lambda ids: self.engine.generate_from_rows([glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids])  # noqa: E731
+            run = lambda ids: self.engine.generate_from_rows(  # noqa: E731
+                [glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids], row_seeds=[requests[i].seed for i in ids])
         else:
             lengths = raw
             run = lambda ids: self.engine.generate([requests[i] for i in ids], self.sampling)  # noqa: E731
@@ -95,6 +125,28 @@ class GlimpseUDF:
             self._guarded(members, out, lambda: run(members), pad)
         return _assemble(batch, rows, out)
 
+    def _continuous(self, todo: list, requests: dict, out: list) -> None:
+        """All of the batch's rows through the continuous scheduler. If a chunk fails (e.g. an image the
+        processor rejects), the rows without a result are retried one at a time so only the bad row
+        becomes an error row."""
+        pending = list(todo)
+        try:
+            self._schedule(pending, requests, out)
+        except Exception as exc:  # noqa: BLE001
+            if _fatal(exc):
+                raise
+            left = [i for i in pending if not out[i]]
+            log.warning("model batch failed (%s); retrying its %d unfinished row(s) one by one", one_line(exc), len(left))
+            for i in left:
+                self._guarded([i], out, lambda i=i: [self._schedule_one(requests[i])])
+
+    def _schedule(self, members: list, requests: dict, out: list) -> None:
+        for k, res in self.scheduler.run([requests[i] for i in members], self.sampling):
+            out[members[k]] = _model_values(res)
+
+    def _schedule_one(self, request):
+        return next(iter(self.scheduler.run([request], self.sampling)))[1]
+
     def _pack(self, lengths: list, budget: int, extra: int = 0) -> list:
         """The batching policy (overridable, e.g. by the benchmark's fixed-row baseline)."""
         return pack_by_budget(lengths, budget, self.job.batching.max_rows, extra=extra)
@@ -105,7 +157,15 @@ class GlimpseUDF:
         images = tuple(decode_frame(data) for data in row[IMAGES_COLUMN] or [])
         expected = row.get("visual_tokens")
         return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN],
-                                 visual_tokens=int(expected) if expected is not None and images else None)
+                                 visual_tokens=int(expected) if expected is not None and images else None,
+                                 seed=self._row_seed(row))
+
+    def _row_seed(self, row: dict):
+        """With a job seed, each row samples from its own seed (job seed, shard key, row number), so its
+        answer does not depend on which rows it was batched with, nor on retries."""
+        if self.sampling.seed is None or self.sampling.temperature == 0 or row.get(KEY_COLUMN) is None:
+            return None
+        return zlib.crc32(f"{self.sampling.seed}:{row[KEY_COLUMN]}:{row.get(ROW_COLUMN)}".encode())
 
     def _glimpse(self, todo, requests, raw, out) -> dict:
         """Glimpse pass in raw-token batches; returns {row: (GlimpsedRow, seconds per row)}."""
@@ -126,19 +186,31 @@ class GlimpseUDF:
         try:
             results = fn()
         except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows ...
-            if "CUDA" in str(exc) or type(exc).__name__ == "OutOfMemoryError":
+            if _fatal(exc):
                 raise  # ... but a broken GPU must kill the actor so Ray restarts it
             log.warning("model batch of %d rows failed: %s", len(members), one_line(exc))
             for i in members:
                 out[i] = {"status": STATUS_ERROR, "error": f"model: {one_line(exc)}"}
             return
         for i, res in zip(members, results or []):
-            out[i] = {
-                "answer": res.text, "kept_tokens": res.kept_tokens, "keep_ratio": res.keep_ratio,
-                "kept_per_image": res.kept_per_image, "prompt_tokens": res.prompt_tokens,
-                "output_tokens": res.output_tokens, "finish_reason": res.finish_reason,
-                "prefill_s": res.prefill_s, "decode_s": res.decode_s, "pad_fraction": pad_fraction_value,
-            }
+            out[i] = _model_values(res, pad_fraction_value)
+
+
+def _fatal(exc: Exception) -> bool:
+    return "CUDA" in str(exc) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def _model_values(res, pad_fraction_value=None) -> dict:
+    """The model columns of one result (the continuous scheduler's per-row figures ride in `extra`)."""
+    extra = res.extra
+    return {
+        "answer": res.text, "kept_tokens": res.kept_tokens, "keep_ratio": res.keep_ratio,
+        "kept_per_image": res.kept_per_image, "prompt_tokens": res.prompt_tokens,
+        "output_tokens": res.output_tokens, "finish_reason": res.finish_reason,
+        "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+        "pad_fraction": extra.get("pad_fraction", pad_fraction_value), "decode_rows": extra.get("decode_rows"),
+        "kv_use": extra.get("kv_use"),
+    }
 
 
 def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
@@ -150,6 +222,7 @@ def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
     table = table.set_column(table.column_names.index("error"), "error", pa.array(error, pa.string()))
     types = {"kept_tokens": pa.int32(), "prompt_tokens": pa.int32(), "output_tokens": pa.int32(), "keep_ratio": pa.float64(),
              "prefill_s": pa.float64(), "decode_s": pa.float64(), "pad_fraction": pa.float64(),
+             "decode_rows": pa.float64(), "kv_use": pa.float64(),
              "kept_per_image": pa.list_(pa.int32()), "answer": pa.string(), "finish_reason": pa.string()}
     for name in MODEL_COLUMNS:
         table = table.append_column(name, pa.array([o.get(name) for o in out], types[name]))

@@ -53,6 +53,14 @@ class GenerationRequest:
     # `build_inputs` raises if the processor's image_grid_thw gives another count (its resize bounds
     # differ from the caller's), instead of the model silently seeing fewer or more tokens.
     visual_tokens: Optional[int] = None
+    # Optional per-row overrides of the call's SamplingParams: the most tokens this row may generate,
+    # and the seed of its sampling generator (a row's draws then depend on nothing else).
+    max_new_tokens: Optional[int] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

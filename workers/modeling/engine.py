@@ -75,7 +75,8 @@ class GlimpseEngine:
         if not requests:
             return []
         keep = _request_keep_masks(requests, keep_layer)
-        return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep)
+        return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep,
+                                         limits=request_limits(requests, sampling), row_seeds=[r.seed for r in requests])
 
     # ---- processed inputs -> results ----------------------------------------------------------
     @torch.inference_mode()
@@ -86,9 +87,13 @@ class GlimpseEngine:
         prune: bool = True,
         return_masks: bool = False,
         keep: Optional[KeepMasks] = None,
+        limits: Optional[Sequence[int]] = None,
+        row_seeds: Sequence = (),
     ) -> list[GenerationResult]:
         """prune=False: the plain model. keep: explicit per-row keep masks instead of the keep rule
-        (with or without glimpse modules); prune must then be True."""
+        (with or without glimpse modules); prune must then be True. limits: per row, the most tokens
+        it may generate (default sampling.max_new_tokens); the batch decodes until its last row
+        stops. row_seeds: per row, its own sampling seed (or None)."""
         if keep is not None and not prune:
             raise ValueError("explicit keep masks prune: pass prune=True (or no keep masks)")
         inputs = self._check(self._to_device(inputs))
@@ -98,7 +103,7 @@ class GlimpseEngine:
         else:
             state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
         t1 = _now(self.device)
-        tokens, finished = self._decode(state, sampling)
+        tokens, finished = self._decode(state, sampling, limits, row_seeds)
         t2 = _now(self.device)
         prompt_tokens = inputs.attention_mask.sum(dim=1).tolist()
         return [
@@ -122,16 +127,18 @@ class GlimpseEngine:
 
     @torch.inference_mode()
     def generate_from_rows(
-        self, rows: Sequence[GlimpsedRow], sampling: SamplingParams = SamplingParams(), glimpse_s: Sequence[float] = (), return_masks: bool = False
+        self, rows: Sequence[GlimpsedRow], sampling: SamplingParams = SamplingParams(), glimpse_s: Sequence[float] = (),
+        return_masks: bool = False, limits: Optional[Sequence[int]] = None, row_seeds: Sequence = (),
     ) -> list[GenerationResult]:
         """Finish the prefill of glimpsed rows (possibly from different glimpse batches) and decode.
 
-        glimpse_s: per row, the seconds of the glimpse stage to add to its prefill time.
+        glimpse_s: per row, the seconds of the glimpse stage to add to its prefill time. limits,
+        row_seeds: as in `generate_from_inputs`.
         """
         t0 = _now(self.device)
         state = self.core.finish_prefill(list(rows))
         t1 = _now(self.device)
-        tokens, finished = self._decode(state, sampling)
+        tokens, finished = self._decode(state, sampling, limits, row_seeds)
         t2 = _now(self.device)
         extra = list(glimpse_s) or [0.0] * len(rows)
         return [
@@ -144,32 +151,40 @@ class GlimpseEngine:
             raise ValueError("inputs must be left-padded (attention_mask[:, -1] must be 1 for every row)")
         return inputs
 
-    def _decode(self, state: PrefillState, sampling: SamplingParams) -> tuple:
+    def _decode(self, state: PrefillState, sampling: SamplingParams, limits: Optional[Sequence[int]] = None,
+                row_seeds: Sequence = ()) -> tuple:
+        """Static batch decode: every row until its EOS or its limit; the batch runs until the last stops."""
         bsz = state.logits.shape[0]
-        gens = row_generators(sampling, bsz, self.device)
+        gens = row_generators(sampling, bsz, self.device, row_seeds)
         eos = torch.tensor(self.eos_ids, device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # by EOS
+        limit = torch.tensor(list(limits) if limits is not None else [sampling.max_new_tokens] * bsz, device=self.device)
         tokens: list = [[] for _ in range(bsz)]
         logits, pad = state.logits, state.pad_mask
-        for step in range(sampling.max_new_tokens):
+        for step in range(int(limit.max())):
             nxt = select_next(logits, sampling, gens).masked_fill(done, self.pad_id)  # [B]
             for row in (~done).nonzero().flatten().tolist():
                 tokens[row].append(int(nxt[row]))
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()) or step == sampling.max_new_tokens - 1:
+            hit = torch.isin(nxt, eos) & ~done
+            stopped |= hit
+            done |= hit | (limit <= step + 1)
+            if bool(done.all()):
                 break
             pad = torch.cat([pad, pad.new_ones(bsz, 1)], dim=1)
             logits = self.core.decode_step(nxt, state.next_positions + step, pad, state.cache)
-        return tokens, done.tolist()
+        return tokens, stopped.tolist()
 
     def _result(self, state, row, token_ids, finished, prompt_tokens, times, return_masks) -> GenerationResult:
-        per_image = state.visual_tokens[row]
+        mask = state.keep_masks[row] if state.keep_masks is not None else None
+        importance = state.importance_logits[row] if state.importance_logits else None
+        return self.row_result(state.visual_tokens[row], mask, importance, token_ids, finished, prompt_tokens, times, return_masks)
+
+    def row_result(self, per_image, mask, importance, token_ids, finished, prompt_tokens, times, return_masks) -> GenerationResult:
+        """One row's result. per_image: its visual-token count per image; mask: its keep mask (None:
+        unpruned); finished: it stopped at EOS; times: (prefill_s, decode_s)."""
         visual = sum(per_image)
-        if state.keep_masks is not None:
-            mask = state.keep_masks[row]
-            kept_per_image = split_per_image(mask, per_image)
-        else:
-            mask, kept_per_image = None, list(per_image)
+        kept_per_image = split_per_image(mask, per_image) if mask is not None else list(per_image)
         kept = sum(kept_per_image)
         text_ids = [t for t in token_ids if t not in self.eos_ids]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -185,7 +200,7 @@ class GlimpseEngine:
             prefill_s=times[0],
             decode_s=times[1],
             finish_reason="stop" if finished else "length",
-            importance_logits=_row_or_none(state.importance_logits, row, return_masks),
+            importance_logits=importance.cpu() if (return_masks and importance is not None) else None,
             keep_mask=mask.cpu() if (return_masks and mask is not None) else None,
         )
 
@@ -195,9 +210,9 @@ class GlimpseEngine:
         return inputs.to(self.device)
 
 
-def _row_or_none(per_row: Optional[list], row: int, wanted: bool):
-    value = per_row[row] if (wanted and per_row) else None
-    return value.cpu() if value is not None else None
+def request_limits(requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[int]:
+    """Per request, the most tokens it may generate (its own max_new_tokens or the call's)."""
+    return [r.max_new_tokens or sampling.max_new_tokens for r in requests]
 
 
 def _request_keep_masks(requests: Sequence[GenerationRequest], keep_layer: Optional[int]) -> Optional[KeepMasks]:

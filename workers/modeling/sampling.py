@@ -8,17 +8,26 @@ import torch
 from .api import SamplingParams
 
 
-def row_generators(sampling: SamplingParams, rows: int, device) -> Optional[list]:
-    """One generator per row, seeded (seed, row) so a row's draw does not depend on its neighbours."""
+def base_seed(sampling: SamplingParams) -> int:
+    """The call's seed: the sampling seed, or a random one when it has none."""
+    return sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def row_generator(seed: int, row: int, row_seed: Optional[int], device) -> torch.Generator:
+    """The generator of one row: its own seed if it has one, else (call seed, row index)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(row_seed if row_seed is not None else seed * 1_000_003 + row)
+    return gen
+
+
+def row_generators(sampling: SamplingParams, rows: int, device, row_seeds: Sequence = ()) -> Optional[list]:
+    """One generator per row, seeded (seed, row) or by the row's own seed, so a row's draw does not
+    depend on its neighbours."""
     if sampling.temperature == 0:
         return None
-    seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    gens = []
-    for row in range(rows):
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed * 1_000_003 + row)
-        gens.append(gen)
-    return gens
+    seed = base_seed(sampling)
+    seeds = list(row_seeds) or [None] * rows
+    return [row_generator(seed, row, seeds[row], device) for row in range(rows)]
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

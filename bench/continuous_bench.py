@@ -1,0 +1,309 @@
+"""Continuous-batching benchmark: the KV-budget scheduler against static batching, and pruned against
+unpruned at an equal KV budget, on one random-weight engine in one process.
+
+Workload: R rows, one square random image each (448 px = 256 visual tokens on the mid-size model), one
+caption prompt, and per row a max_new_tokens drawn uniformly from [8, 128] (seeded). The LM-head rows
+of the stop tokens are zeroed (as in engine_bench), so every row generates exactly its own length and
+both schedulers do the same useful work.
+
+Part 1, continuous vs static (GlimpsePrune on, keep ratio 0.111, same engine, same max_rows):
+  * static = the model stage's `batching.scheduler: static`: glimpse in chunks of max_rows, rows
+    regrouped by retained length and packed under max_decode_tokens, each group decodes until its
+    longest row ends (finished rows stay in the batch);
+  * continuous = `workers.modeling.scheduler.ContinuousScheduler` (rows join and leave every step).
+  Order ABBA over `--repeats` rounds. Reported: rows/s of each (median), the ratio, slot occupancy
+  (useful row-steps / batch slots x steps) and the analytic prediction: if a decode step costs the
+  same at any batch size up to max_rows, the ratio is static decode steps / continuous decode steps,
+  with static steps = sum over groups of the group's longest row and continuous steps >= sum of
+  lengths / max_rows (full occupancy).
+
+Part 2, pruned vs unpruned at one KV budget (continuous scheduler both): the budget holds `--kv-rows`
+unpruned rows at their longest (prompt + visual + 128 new tokens, every layer); for each concurrency
+limit (`--limits`, default 4 16 64 rows in flight) both modes run the same rows. Reported: rows/s,
+achieved concurrency (mean rows per decode step), KV-budget use, and the predictions: each mode's
+concurrency limit from the budget (rows whose reserved cache fits), and the KV ratio (unpruned
+reserved cache per row / pruned).
+
+Part 3, engine vs prediction: prefill seconds pruned/unpruned (ViT included) and decode seconds per
+token, next to the analytic decoder prefill FLOPs ratio for this model (engine_bench.prefill_flops)
+and the cache-token ratio.
+
+Run: `python bench/continuous_bench.py [--quick] [--rows R] [--out FILE]`; JSON to --out (default
+reports/bench/continuous_bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent / "reports" / "bench" / "continuous_bench.json"
+PROMPT = "Describe the image in detail: the shapes, their colors and where they are."
+
+
+def _engine_bench():
+    spec = importlib.util.spec_from_file_location("engine_bench", HERE / "engine_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["engine_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+EB = _engine_bench()
+
+
+def make_requests(count: int, image_size: int, lengths: Sequence[int], seed: int) -> list:
+    from PIL import Image
+
+    from workers.modeling.api import GenerationRequest
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        pixels = torch.randint(0, 256, (image_size, image_size, 3), generator=gen, dtype=torch.uint8)
+        out.append(GenerationRequest(images=(Image.fromarray(pixels.numpy(), "RGB"),), prompt=PROMPT,
+                                     max_new_tokens=int(lengths[i])))
+    return out
+
+
+def draw_lengths(count: int, low: int, high: int, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed + 17)
+    return torch.randint(low, high + 1, (count,), generator=gen).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two schedulers
+
+
+def run_static(engine, requests, sampling, max_rows: int, decode_budget: int, prefill_tokens: int) -> dict:
+    """The static policy of the model stage (workers/generate.py, batching.scheduler: static)."""
+    from workers.batching import pack_by_budget
+    from workers.modeling.engine import request_limits
+
+    t0 = time.perf_counter()
+    raw = [len(r.prompt) // 3 + 16 + (r.visual_tokens or 0) for r in requests]
+    glimpsed = {}
+    for group in pack_by_budget(raw, prefill_tokens, max_rows):
+        rows, _ = engine.glimpse(engine.build_inputs([requests[i] for i in group]))
+        glimpsed.update(zip(group, rows))
+    ids = sorted(glimpsed)
+    limits = request_limits(requests, sampling)
+    steps = slots = useful = 0
+    results = {}
+    for group in pack_by_budget([glimpsed[i].length for i in ids], decode_budget, max_rows, extra=sampling.max_new_tokens):
+        members = [ids[k] for k in group]
+        out = engine.generate_from_rows([glimpsed[i] for i in members], sampling, limits=[limits[i] for i in members])
+        results.update(zip(members, out))
+        longest = max(limits[i] for i in members)
+        steps += longest - 1  # decoder forwards after the prefill
+        slots += len(members) * (longest - 1)
+        useful += sum(limits[i] - 1 for i in members)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": steps, "slot_occupancy": useful / slots,
+            "tokens": [results[i].token_ids for i in range(len(requests))]}
+
+
+def run_continuous(engine, requests, sampling, max_rows: int, kv_budget: int, prefill_tokens: int, prune: bool = True) -> dict:
+    from workers.modeling.scheduler import ContinuousScheduler, SchedulerConfig, SchedulerStats
+
+    stats = SchedulerStats()
+    scheduler = ContinuousScheduler(engine, SchedulerConfig(kv_budget, max_rows=max_rows, prefill_tokens=prefill_tokens), stats)
+    t0 = time.perf_counter()
+    results = dict(scheduler.run(requests, sampling, prune=prune))
+    wall = time.perf_counter() - t0
+    row_steps = stats.row_steps
+    return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": stats.decode_steps,
+            "slot_occupancy": row_steps / (stats.decode_steps * max_rows) if stats.decode_steps else 0.0,
+            "stats": stats.as_dict(), "kept_tokens": [results[i].kept_tokens for i in range(len(requests))],
+            "prompt_tokens": [results[i].prompt_tokens for i in range(len(requests))],
+            "visual_tokens": [results[i].visual_tokens for i in range(len(requests))],
+            "tokens": [results[i].token_ids for i in range(len(requests))]}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def part1(engine, requests, sampling, args) -> dict:
+    layers = len(engine.core.lm.layers)
+    kv_budget = 10**12  # not binding: both are limited by max_rows alone
+    decode_budget = 10**9
+    runs = {"static": [], "continuous": []}
+    for _ in range(args.repeats):
+        for mode in ("static", "continuous", "continuous", "static"):
+            if mode == "static":
+                runs[mode].append(run_static(engine, requests, sampling, args.max_rows, decode_budget, args.prefill_tokens))
+            else:
+                runs[mode].append(run_continuous(engine, requests, sampling, args.max_rows, kv_budget, args.prefill_tokens))
+    same = runs["static"][0]["tokens"] == runs["continuous"][0]["tokens"]
+    lengths = [r.max_new_tokens for r in requests]
+    ideal = -(-sum(n - 1 for n in lengths) // args.max_rows)
+    static_steps = runs["static"][0]["decode_steps"]
+    med = {m: statistics.median(r["rows_per_s"] for r in rs) for m, rs in runs.items()}
+    return {
+        "max_rows": args.max_rows, "layers": layers, "rows": len(requests),
+        "rows_per_s": med, "ratio_continuous_over_static": med["continuous"] / med["static"],
+        "all_ratios": [c["rows_per_s"] / s["rows_per_s"] for s, c in zip(runs["static"], runs["continuous"])],
+        "slot_occupancy": {m: rs[0]["slot_occupancy"] for m, rs in runs.items()},
+        "decode_steps": {m: rs[0]["decode_steps"] for m, rs in runs.items()},
+        "predicted_ratio_equal_step_cost": static_steps / max(ideal, 1),
+        "predicted_continuous_steps_at_full_occupancy": ideal,
+        "same_tokens": same,
+        "continuous_stats": runs["continuous"][0]["stats"],
+    }
+
+
+def part2(engine, requests, sampling, args) -> dict:
+    layers = len(engine.core.lm.layers)
+    longest_new = max(r.max_new_tokens for r in requests)
+    probe = run_continuous(engine, requests[:2], sampling, 2, 10**12, args.prefill_tokens, prune=False)
+    full_len = max(probe["prompt_tokens"])
+    kv_budget = args.kv_rows * (full_len + longest_new) * layers
+    by_limit = []
+    for limit in args.limits:
+        entry = {"max_rows": limit, "kv_budget_tokens": kv_budget}
+        for mode, prune in (("unpruned", False), ("pruned", True)):
+            got = run_continuous(engine, requests, sampling, limit, kv_budget, args.prefill_tokens, prune=prune)
+            st = got["stats"]
+            cache_len = [p - v + k for p, v, k in zip(got["prompt_tokens"], got["visual_tokens"], got["kept_tokens"])]
+            reserve = max(cache_len) + longest_new  # the widest row the admission rule reserves for
+            entry[mode] = {
+                "rows_per_s": got["rows_per_s"], "wall_s": got["wall_s"],
+                "achieved_concurrency": st["achieved_concurrency"], "peak_rows": st["peak_rows"],
+                "predicted_concurrency_cap": min(limit, kv_budget // (reserve * layers)),
+                "kv_budget_use": st["kv_budget_use"], "padding_fraction": st["padding_fraction"],
+                "mean_cache_tokens_after_prefill": statistics.mean(cache_len),
+                "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "decode_steps": st["decode_steps"],
+                "decode_tokens_per_s": st["decode_tokens_per_s"], "same_tokens_as_unpruned": None,
+                "tokens": got["tokens"],
+            }
+        u, p = entry["unpruned"], entry["pruned"]
+        entry["rows_per_s_ratio_pruned_over_unpruned"] = p["rows_per_s"] / u["rows_per_s"]
+        entry["concurrency_ratio"] = p["achieved_concurrency"] / u["achieved_concurrency"]
+        entry["kv_ratio_reserved"] = (u["mean_cache_tokens_after_prefill"] + statistics.mean(r.max_new_tokens for r in requests)) / (
+            p["mean_cache_tokens_after_prefill"] + statistics.mean(r.max_new_tokens for r in requests))
+        for mode in ("unpruned", "pruned"):
+            entry[mode].pop("tokens")
+            entry[mode].pop("same_tokens_as_unpruned")
+        by_limit.append(entry)
+    return {"layers": layers, "kv_rows": args.kv_rows, "unpruned_prompt_tokens": full_len, "by_limit": by_limit}
+
+
+def part3(engine, requests, part2_result) -> dict:
+    """Measured prefill/decode ratios (the largest limit of part 2) vs the analytic ones."""
+    text = engine.model.config.text_config
+    cfg = engine.modules.config
+    vision = engine.model.config.vision_config
+    dims = EB.DecoderDims("this model", text.num_hidden_layers, text.hidden_size, text.num_attention_heads,
+                          text.num_key_value_heads, text.intermediate_size, cfg.reduce_layer, len(cfg.selected_layers))
+    vip = EB.VipDims(vision_hidden=vision.hidden_size, fuse=cfg.attn_fuse_size, cond=cfg.visual_cond_size,
+                     levels=len(cfg.selected_visual_layers))
+    entry = part2_result["by_limit"][-1]
+    u, p = entry["unpruned"], entry["pruned"]
+    visual = requests[0].images[0].width // 28 * (requests[0].images[0].height // 28)
+    text_tokens = part2_result["unpruned_prompt_tokens"] - visual
+    flops = EB.prefill_flops(dims, vip, visual, text_tokens, EB.KEEP_RATIO)
+    return {
+        "measured_prefill_ratio": p["prefill_s"] / u["prefill_s"],
+        "analytic_decoder_prefill_flops_ratio": flops["prefill_flops_ratio"],
+        "analytic_lower_bound": flops["lower_bound_ratio"],
+        "note": "measured prefill includes the ViT (same in both modes), the analytic ratio is the decoder's only",
+        "measured_decode_s_per_token_ratio": (p["decode_s"] / max(1, sum(r.max_new_tokens for r in requests)))
+        / (u["decode_s"] / max(1, sum(r.max_new_tokens for r in requests))),
+        "analytic_cache_tokens_ratio": p["mean_cache_tokens_after_prefill"] / u["mean_cache_tokens_after_prefill"],
+        "visual_tokens": visual, "text_tokens": text_tokens,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.quick:
+        args.rows, args.image_size, args.max_new = args.rows or 8, args.image_size or 112, args.max_new or 12
+        args.limits = args.limits or [2, 8]
+        args.max_rows = min(args.max_rows, 4)
+    else:
+        args.rows, args.image_size, args.max_new = args.rows or 64, args.image_size or 448, args.max_new or 128
+        args.limits = args.limits or [4, 16, 64]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
+    from workers.modeling.api import SamplingParams
+
+    setup = EB.Setup(device="cpu", quick=args.quick, batch_size=args.rows, image_size=args.image_size,
+                     max_new_tokens=args.max_new, repeats=1, warmup=0, seed=args.seed, threads=args.threads)
+    engine = EB.build_engine(setup)
+    lengths = draw_lengths(args.rows, min(args.min_new, args.max_new), args.max_new, args.seed)
+    requests = make_requests(args.rows, args.image_size, lengths, args.seed)
+    sampling = SamplingParams(max_new_tokens=args.max_new)
+    run_continuous(engine, requests[:2], sampling, 2, 10**12, args.prefill_tokens)  # warm-up
+    started = time.perf_counter()
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+              "answer_lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}}
+    result["part1_continuous_vs_static"] = part1(engine, requests, sampling, args)
+    result["part2_pruned_vs_unpruned_equal_kv"] = part2(engine, requests, sampling, args)
+    result["part3_engine_vs_prediction"] = part3(engine, requests, result["part2_pruned_vs_unpruned_equal_kv"])
+    result["bench_wall_s"] = time.perf_counter() - started
+    print_report(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {args.out}")
+    return result
+
+
+def print_report(result: dict) -> None:
+    p1 = result["part1_continuous_vs_static"]
+    print(f"part 1: {p1['rows']} rows, answers {result['answer_lengths']['min']}-{result['answer_lengths']['max']} tokens, "
+          f"max_rows {p1['max_rows']}")
+    print(f"  rows/s static {p1['rows_per_s']['static']:.3f}  continuous {p1['rows_per_s']['continuous']:.3f}  "
+          f"ratio {p1['ratio_continuous_over_static']:.2f} (predicted at equal step cost {p1['predicted_ratio_equal_step_cost']:.2f})")
+    print(f"  slot occupancy static {p1['slot_occupancy']['static']:.2f}  continuous {p1['slot_occupancy']['continuous']:.2f}; "
+          f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
+    p2 = result["part2_pruned_vs_unpruned_equal_kv"]
+    print(f"part 2: KV budget = {p2['kv_rows']} unpruned rows ({p2['by_limit'][0]['kv_budget_tokens']} cache tokens)")
+    print("  limit | rows/s unpruned | rows/s pruned | ratio | concurrency u / p (cap u / p) | KV use u / p")
+    for e in p2["by_limit"]:
+        u, p = e["unpruned"], e["pruned"]
+        print(f"  {e['max_rows']:5d} | {u['rows_per_s']:15.3f} | {p['rows_per_s']:13.3f} | {e['rows_per_s_ratio_pruned_over_unpruned']:5.2f} | "
+              f"{u['achieved_concurrency']:5.1f} / {p['achieved_concurrency']:5.1f} ({u['predicted_concurrency_cap']} / "
+              f"{p['predicted_concurrency_cap']}) | {u['kv_budget_use']:.2f} / {p['kv_budget_use']:.2f}")
+    p3 = result["part3_engine_vs_prediction"]
+    print(f"part 3: prefill pruned/unpruned measured {p3['measured_prefill_ratio']:.3f} (ViT included) vs analytic decoder "
+          f"{p3['analytic_decoder_prefill_flops_ratio']:.3f}; decode s/token {p3['measured_decode_s_per_token_ratio']:.3f}; "
+          f"cache tokens {p3['analytic_cache_tokens_ratio']:.3f}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few rows: seconds (the smoke test)")
+    parser.add_argument("--rows", type=int, default=None, help="rows (default 64, quick 8)")
+    parser.add_argument("--image-size", type=int, default=None, help="square side in px (default 448, quick 112)")
+    parser.add_argument("--min-new", type=int, default=8)
+    parser.add_argument("--max-new", type=int, default=None, help="longest answer (default 128, quick 12)")
+    parser.add_argument("--max-rows", type=int, default=16, help="part 1: rows decoding at once (both schedulers)")
+    parser.add_argument("--limits", type=int, nargs="+", default=None, help="part 2 concurrency limits (default 4 16 64)")
+    parser.add_argument("--kv-rows", type=int, default=8, help="part 2: the KV budget holds this many unpruned rows")
+    parser.add_argument("--prefill-tokens", type=int, default=8192, help="raw tokens per glimpse chunk")
+    parser.add_argument("--repeats", type=int, default=1, help="part 1: ABBA rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main()

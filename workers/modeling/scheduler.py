@@ -1,0 +1,408 @@
+"""Continuous batching by KV budget: rows join the running decode batch as soon as the cache budget
+allows and leave it the step they finish.
+
+`ContinuousScheduler(engine, config).run(requests, sampling)` yields `(index, GenerationResult)` as
+rows finish (not in input order). Per loop iteration:
+
+  1. **Glimpse chunks.** While the decode batch has free slots and too few rows are ready to fill
+     them, the next chunk of waiting requests (packed by raw tokens under `prefill_tokens`) goes
+     through the first half of the prefill: layers 0..K with the glimpse, the VIP, the keep rule and
+     the compaction (`QwenGlimpseModel.glimpse_stage`). The result is one `GlimpsedRow` per request,
+     holding its retained tokens only. Unpruned engines run every layer in this stage
+     (`masked_stage` with all-True masks after the last layer), so both modes share the rest.
+  2. **Admission by KV budget.** Ready rows are taken in order (first fit) while the batch, if they
+     joined, could never outgrow the budget: `rows x max_future_width x layers <= kv_budget_tokens`,
+     where a row's future width is its cache length plus the tokens it may still generate. The
+     cache is one left-padded rectangle per layer, so the padding is counted, and nothing is ever
+     preempted. Every layer's cache holds the retained length: GlimpsePrune drops the pruned tokens
+     from the KV cache of layers 0..K as well (reference, step 7), so a pruned row costs
+     `layers x (prompt + kept + new)` cache tokens against `layers x (prompt + visual + new)`.
+     A row alone over the budget still runs when the batch is empty (it must run somehow).
+  3. The admitted rows finish their prefill together (`finish_prefill`: layers K+1..L-1) and their
+     caches are merged into the running batch (left-padded to the wider of the two).
+  4. **One decode step** for every running row: select each row's next token (greedy, or sampling
+     with the row's own generator, so a row's draws never depend on its neighbours), finished rows
+     (EOS or their own `max_new_tokens`) are emitted and dropped from the cache at once, fully padded
+     leading columns are trimmed, and the rest take one decoder step.
+
+Greedy output per row equals its batch-of-1 output (tests/unit/test_scheduler.py). Hot-path work on
+the batch is tensor-wide (token selection, stop test, row removal, trimming, merging); the Python
+loops left are per step over the *finished* rows (building results) and per generated token
+(appending ids to each row's list).
+
+Timing is shared honestly: a glimpse chunk's seconds are split evenly over its rows (they are padded
+to one length, so each costs the same), a finishing group's seconds likewise, and each decode step's
+seconds over the rows in that step. `SchedulerStats` holds the batch-level figures (achieved
+concurrency, KV-budget use, padding, prefill and decode tokens per second).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from . import compat
+from .api import GenerationRequest, GenerationResult, SamplingParams
+from .qwen2_5_vl import GlimpsedRow, PrefillState
+from .sampling import base_seed, row_generator, select_next
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """kv_budget_tokens: cache tokens across all layers (rows x cache length x layers, padding
+    included) the running batch may ever hold. max_rows: rows decoding at once. prefill_tokens: raw
+    tokens (prompt + visual, padded) per glimpse chunk."""
+
+    kv_budget_tokens: int
+    max_rows: int = 64
+    prefill_tokens: int = 32_768
+
+    def __post_init__(self) -> None:
+        for name in ("kv_budget_tokens", "max_rows", "prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SchedulerStats:
+    """Batch-level figures of one or more `run` calls (sums; the properties give the ratios)."""
+
+    kv_budget_tokens: int = 0
+    decode_steps: int = 0
+    row_steps: int = 0  # sum over steps of rows in the step
+    cache_slots: int = 0  # sum over steps of the rectangle (rows x width x layers)
+    cache_real: int = 0  # sum over steps of the real (unpadded) cache tokens
+    peak_rows: int = 0
+    prefill_tokens: int = 0  # real prompt tokens prefilled (before pruning)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    admissions: int = 0
+    output_tokens: int = 0
+    rows_over_budget: int = 0  # rows that alone exceed the budget (run by themselves)
+
+    @property
+    def achieved_concurrency(self) -> float:
+        return self.row_steps / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def kv_budget_use(self) -> float:
+        """Mean share of the budget the cache rectangle occupied per decode step."""
+        return self.cache_slots / (self.decode_steps * self.kv_budget_tokens) if self.decode_steps else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.cache_real / self.cache_slots if self.cache_slots else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "kv_budget_tokens": self.kv_budget_tokens, "decode_steps": self.decode_steps, "row_steps": self.row_steps,
+            "achieved_concurrency": self.achieved_concurrency, "peak_rows": self.peak_rows,
+            "kv_budget_use": self.kv_budget_use, "padding_fraction": self.padding_fraction,
+            "prefill_tokens": self.prefill_tokens, "prefill_s": self.prefill_s,
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+            "decode_s": self.decode_s, "output_tokens": self.output_tokens,
+            "decode_tokens_per_s": self.output_tokens / self.decode_s if self.decode_s else 0.0,
+            "admissions": self.admissions, "rows_over_budget": self.rows_over_budget,
+        }
+
+
+@dataclass
+class _Ready:
+    """A glimpsed row waiting for admission."""
+
+    index: int
+    row: GlimpsedRow
+    seconds: float  # its share of the glimpse chunk
+    limit: int  # its max_new_tokens
+
+
+@dataclass
+class _Running:
+    """The decode batch: per-layer left-padded caches and per-row bookkeeping (slot order)."""
+
+    cache: object  # DynamicCache, one [B, h, W, d] tensor pair per layer
+    pad: torch.Tensor  # [B, W]
+    next_pos: torch.Tensor  # [B] position of the token each row feeds next
+    logits: torch.Tensor  # [B, V] pending next-token logits
+    index: list  # request index per slot
+    limit: torch.Tensor  # [B] max_new_tokens per row
+    made: torch.Tensor  # [B] tokens generated so far
+    gens: Optional[list]
+    tokens: list  # per slot: generated ids
+    prefill_s: list  # per slot
+    decode_s: list  # per slot
+    share: list  # per slot: sum over its steps of 1 / rows in the step
+    pad_acc: list  # per slot: sum over its steps of the batch's padding share
+    kv_acc: list  # per slot: sum over its steps of the batch's share of the KV budget
+    rows: list  # per slot: its GlimpsedRow (visual counts, keep mask, importance logits)
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    @property
+    def width(self) -> int:
+        return int(self.pad.shape[1])
+
+
+class ContinuousScheduler:
+    """Runs requests through a `GlimpseEngine` with continuous batching under a KV budget."""
+
+    def __init__(self, engine, config: SchedulerConfig, stats: Optional[SchedulerStats] = None):
+        self.engine = engine
+        self.core = engine.core
+        self.config = config
+        self.layers = len(self.core.lm.layers)
+        self.stats = stats if stats is not None else SchedulerStats()
+        self.stats.kv_budget_tokens = config.kv_budget_tokens
+
+    # ---- public --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self, requests: Sequence[GenerationRequest], sampling: SamplingParams = SamplingParams(), prune: bool = True,
+        return_masks: bool = False,
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        """Yield (request index, result) as rows finish. A request may set its own max_new_tokens and
+        seed. Requests with explicit keep masks are not supported here (use `engine.generate`)."""
+        if any(r.keep_mask is not None for r in requests):
+            raise ValueError("the continuous scheduler runs the keep rule; explicit keep masks go through engine.generate")
+        self._prune = prune and self.engine.prunes
+        self._sampling = sampling
+        self._return_masks = return_masks
+        self._requests = list(requests)
+        self._base_seed = base_seed(sampling)
+        raw = [_raw_length(r) for r in requests]
+        chunks = deque(self._chunks(raw))
+        ready: deque = deque()
+        run: Optional[_Running] = None
+        eos = torch.tensor(self.engine.eos_ids, device=self.engine.device)
+        while chunks or ready or run is not None:
+            free = self.config.max_rows - (run.size if run else 0)
+            while chunks and free > 0 and len(ready) < free:
+                ready.extend(self._glimpse(chunks.popleft()))
+            run = self._admit(run, ready)
+            run, finished = self._step(run, eos)
+            yield from finished
+
+    # ---- stages -----------------------------------------------------------------------------------
+    def _chunks(self, raw: list) -> list:
+        """Requests in input order, cut into chunks of <= prefill_tokens padded raw tokens and <= max_rows."""
+        chunks, current, longest = [], [], 0
+        for i, n in enumerate(raw):
+            cost = (len(current) + 1) * max(longest, n)
+            if current and (cost > self.config.prefill_tokens or len(current) >= self.config.max_rows):
+                chunks.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, n)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _glimpse(self, chunk: list) -> list:
+        engine = self.engine
+        requests = [self._requests[i] for i in chunk]
+        inputs = engine._check(engine._to_device(engine.build_inputs(requests)))
+        t0 = _now(engine.device)
+        if self._prune and inputs.pixel_values is not None:
+            rows = self.core.glimpse_stage(inputs, engine.rule)
+        else:  # every layer at full length, nothing dropped
+            visual = self.core.visual_tokens(inputs)
+            masks = [torch.ones(sum(v), dtype=torch.bool, device=engine.device) for v in visual]
+            rows = self.core.masked_stage(inputs, masks, self.layers - 1, visual)
+        seconds = _now(engine.device) - t0
+        self.stats.prefill_s += seconds
+        self.stats.prefill_tokens += int(inputs.attention_mask.sum())
+        limit = self._sampling.max_new_tokens
+        return [
+            _Ready(i, row, seconds / len(chunk), self._requests[i].max_new_tokens or limit) for i, row in zip(chunk, rows)
+        ]
+
+    def _admit(self, run: Optional[_Running], ready: deque) -> Optional[_Running]:
+        """Move ready rows that fit the KV budget (first fit, in order) into the running batch."""
+        if not ready:
+            return run
+        rows = run.size if run else 0
+        widest = 0
+        if run is not None:  # the widest the running rows can still grow to
+            widest = int((run.pad.sum(dim=1) + run.limit - run.made).max())
+        taken, kept = [], deque()
+        for item in ready:
+            future = max(widest, item.row.length + item.limit)
+            fits = (rows + 1) * future * self.layers <= self.config.kv_budget_tokens
+            if rows < self.config.max_rows and (fits or rows == 0):
+                if not fits:
+                    self.stats.rows_over_budget += 1
+                taken.append(item)
+                rows, widest = rows + 1, future
+            else:
+                kept.append(item)
+        ready.clear()
+        ready.extend(kept)
+        if not taken:
+            return run
+        t0 = _now(self.engine.device)
+        state = self.core.finish_prefill([t.row for t in taken])
+        seconds = _now(self.engine.device) - t0
+        self.stats.prefill_s += seconds
+        self.stats.admissions += 1
+        joined = self._new_running(state, taken, seconds / len(taken))
+        return joined if run is None else self._merge(run, joined)
+
+    def _new_running(self, state: PrefillState, taken: list, seconds: float) -> _Running:
+        device = self.engine.device
+        n = len(taken)
+        gens = None
+        if self._sampling.temperature > 0:
+            gens = [row_generator(self._base_seed, t.index, self._requests[t.index].seed, device) for t in taken]
+        return _Running(
+            cache=state.cache, pad=state.pad_mask, next_pos=state.next_positions, logits=state.logits,
+            index=[t.index for t in taken], limit=torch.tensor([t.limit for t in taken], device=device),
+            made=torch.zeros(n, dtype=torch.long, device=device), gens=gens, tokens=[[] for _ in taken],
+            prefill_s=[t.seconds + seconds for t in taken], decode_s=[0.0] * n, share=[0.0] * n, pad_acc=[0.0] * n,
+            kv_acc=[0.0] * n, rows=[t.row for t in taken],
+        )
+
+    def _step(self, run: Optional[_Running], eos: torch.Tensor):
+        """Select every running row's next token, emit the finished rows, decode one step for the rest."""
+        if run is None:
+            return None, []
+        t0 = _now(self.engine.device)
+        nxt = select_next(run.logits, self._sampling, run.gens)  # [B]
+        run.made += 1
+        hit = torch.isin(nxt, eos)
+        done = hit | (run.made >= run.limit)
+        for slot, token in enumerate(nxt.tolist()):
+            run.tokens[slot].append(token)
+        self.stats.output_tokens += run.size
+        finished = [(run.index[s], self._result(run, s, bool(hit[s]))) for s in done.nonzero().flatten().tolist()]
+        if len(finished) == run.size:
+            self.stats.decode_s += _now(self.engine.device) - t0
+            return None, finished
+        if finished:
+            run = self._select(run, (~done).nonzero().flatten())
+        run.pad = torch.cat([run.pad, run.pad.new_ones(run.size, 1)], dim=1)
+        run.logits = self.core.decode_step(nxt[~done] if finished else nxt, run.next_pos, run.pad, run.cache)
+        run.next_pos = run.next_pos + 1
+        seconds = _now(self.engine.device) - t0
+        stats, size = self.stats, run.size
+        stats.decode_s += seconds
+        stats.decode_steps += 1
+        stats.row_steps += size
+        stats.peak_rows = max(stats.peak_rows, size)
+        slots, real = size * run.width * self.layers, int(run.pad.sum()) * self.layers
+        stats.cache_slots += slots
+        stats.cache_real += real
+        pad_share, kv_share = 1.0 - real / slots, slots / self.config.kv_budget_tokens
+        for slot in range(size):  # the forward fed every survivor one token: share its time
+            run.decode_s[slot] += seconds / size
+            run.share[slot] += 1.0 / size
+            run.pad_acc[slot] += pad_share
+            run.kv_acc[slot] += kv_share
+        return run, finished
+
+    def _result(self, run: _Running, slot: int, finished_by_eos: bool) -> GenerationResult:
+        row = run.rows[slot]
+        mask = row.keep_mask if self._prune else None
+        result = self.engine.row_result(
+            row.visual_tokens, mask, row.importance_logits if self._prune else None, run.tokens[slot], finished_by_eos,
+            row.prompt_tokens, (run.prefill_s[slot], run.decode_s[slot]), self._return_masks,
+        )
+        steps = len(run.tokens[slot]) - 1  # decoder forwards the row took part in
+        result.extra.update(
+            decode_share=run.share[slot],
+            decode_rows=steps / run.share[slot] if steps else None,
+            pad_fraction=run.pad_acc[slot] / steps if steps else None,
+            kv_use=run.kv_acc[slot] / steps if steps else None,
+        )
+        return result
+
+    # ---- batch surgery ------------------------------------------------------------------------------
+    def _select(self, run: _Running, alive: torch.Tensor) -> _Running:
+        """The running rows at `alive` (slot indices), with fully padded leading columns trimmed."""
+        pad = run.pad.index_select(0, alive)
+        real = pad.bool().any(dim=0)
+        first = int(real.nonzero()[0]) if bool(real.any()) else 0
+        keys = [compat.cache_keys(run.cache, i).index_select(0, alive)[:, :, first:] for i in range(self.layers)]
+        values = [compat.cache_values(run.cache, i).index_select(0, alive)[:, :, first:] for i in range(self.layers)]
+        slots = alive.tolist()
+        pick = lambda xs: [xs[s] for s in slots]  # noqa: E731
+        return _Running(
+            cache=self._cache(keys, values), pad=pad[:, first:], next_pos=run.next_pos.index_select(0, alive),
+            logits=run.logits.index_select(0, alive), index=pick(run.index), limit=run.limit.index_select(0, alive),
+            made=run.made.index_select(0, alive), gens=pick(run.gens) if run.gens is not None else None,
+            tokens=pick(run.tokens), prefill_s=pick(run.prefill_s), decode_s=pick(run.decode_s), share=pick(run.share),
+            pad_acc=pick(run.pad_acc), kv_acc=pick(run.kv_acc), rows=pick(run.rows),
+        )
+
+    def _merge(self, a: _Running, b: _Running) -> _Running:
+        """One batch of both, left-padded to the wider."""
+        width = max(a.width, b.width)
+        keys, values = [], []
+        for i in range(self.layers):
+            keys.append(torch.cat([_pad_left(compat.cache_keys(x.cache, i), width, 2) for x in (a, b)]))
+            values.append(torch.cat([_pad_left(compat.cache_values(x.cache, i), width, 2) for x in (a, b)]))
+        return _Running(
+            cache=self._cache(keys, values), pad=torch.cat([_pad_left(a.pad, width, 1), _pad_left(b.pad, width, 1)]),
+            next_pos=torch.cat([a.next_pos, b.next_pos]), logits=torch.cat([a.logits, b.logits]),
+            index=a.index + b.index, limit=torch.cat([a.limit, b.limit]), made=torch.cat([a.made, b.made]),
+            gens=(a.gens + b.gens) if a.gens is not None else None, tokens=a.tokens + b.tokens,
+            prefill_s=a.prefill_s + b.prefill_s, decode_s=a.decode_s + b.decode_s, share=a.share + b.share,
+            pad_acc=a.pad_acc + b.pad_acc, kv_acc=a.kv_acc + b.kv_acc, rows=a.rows + b.rows,
+        )
+
+    def _cache(self, keys: list, values: list):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=compat.text_config(self.engine.model))
+        for i, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, i)
+        return cache
+
+
+def cache_bytes_per_token(model) -> int:
+    """Bytes one token takes in one layer's KV cache (keys and values)."""
+    text = compat.text_config(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * kv_heads * head_dim * element
+
+
+def default_kv_budget(model, fraction: float) -> tuple[int, str]:
+    """KV budget (cache tokens across all layers) from the device's free memory: `fraction` of what is
+    free now (after the model is loaded), like vLLM's gpu_memory_utilization; on CPU, of the memory
+    available to new allocations. Returns (tokens, where the figure came from)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        source = f"{free / 2**30:.1f} GiB free on {device}"
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+        source = f"{free / 2**30:.1f} GiB of host memory available"
+    return max(1, int(free * fraction) // cache_bytes_per_token(model)), source
+
+
+def _raw_length(req: GenerationRequest) -> int:
+    """Prompt tokens estimate (chars / 3) plus the visual tokens the request states."""
+    return len(req.prompt or "") // 3 + int(req.visual_tokens or 0) + 16
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
