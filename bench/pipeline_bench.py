@@ -208,10 +208,10 @@ class RecordingEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def glimpse(self, inputs):
+    def glimpse(self, inputs, **kwargs):
         mask = inputs.attention_mask  # [B, L] left-padded
         self.glimpse_batches.append((int(mask.shape[0]), int(mask.sum()), int(mask.numel())))
-        return self._timed("glimpse", self._engine.glimpse, inputs)
+        return self._timed("glimpse", self._engine.glimpse, inputs, **kwargs)
 
     def generate_from_rows(self, rows, *args, **kwargs):
         self.generation_batches.append([row.length for row in rows])

@@ -50,6 +50,7 @@ from schemas.rows import (
     OUTPUT_SCHEMA,
     PIPELINE_SCHEMA,
     PROMPT_COLUMN,
+    PRUNE_COLUMN,
     STAGE_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
@@ -83,10 +84,12 @@ class ImageStageConfig:
     image: ImageSpec
     prompt: Optional[str] = None
     storage: StorageOptions = field(default_factory=StorageOptions)
+    pruning_mode: str = "none"  # what a per-row pruning value means (threshold or keep ratio)
 
     @classmethod
     def from_job(cls, job: JobSpec) -> "ImageStageConfig":
-        return cls(columns=job.input.columns, image=job.image, prompt=job.input.prompt, storage=job.input.storage)
+        return cls(columns=job.input.columns, image=job.image, prompt=job.input.prompt, storage=job.input.storage,
+                   pruning_mode=job.pruning.mode)
 
 
 @dataclass(frozen=True)
@@ -346,7 +349,7 @@ def decode_batch(batch: Union[pa.Table, Mapping[str, list]], config: ImageStageC
     """
     table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
     cols = config.columns
-    missing = [name for name in (cols.id, cols.image) if name not in table.column_names]
+    missing = [name for name in (cols.id, cols.image) + ((cols.pruning,) if cols.pruning else ()) if name not in table.column_names]
     if missing:
         raise ValueError(f"input column(s) {missing} not found (have {table.column_names}); set input.columns")
     has_question = cols.question is not None and cols.question in table.column_names
@@ -358,7 +361,31 @@ def decode_batch(batch: Union[pa.Table, Mapping[str, list]], config: ImageStageC
         seconds.append(time.perf_counter() - start)
         if rows[-1].transient and config.storage.retry_deadline_s > 0:  # see module docstring
             config = replace(config, storage=config.storage.model_copy(update={"retry_deadline_s": 0.0}))
-    return _with_stage_columns(_passthrough(table, cols), rows, seconds)
+    prunes = [None] * table.num_rows
+    if cols.pruning:
+        for i, value in enumerate(table.column(cols.pruning).to_pylist()):
+            prunes[i], problem = row_pruning_value(value, config.pruning_mode, cols.pruning)
+            if problem and not rows[i].error:
+                rows[i] = PreparedRow(error=problem)
+    return _with_stage_columns(_passthrough(table, cols), rows, seconds, prunes)
+
+
+def row_pruning_value(value, mode: str, column: str) -> tuple[Optional[float], Optional[str]]:
+    """A row's own pruning setting -> (value, None), or (None, one-line problem). Null = the job's."""
+    if value is None:
+        return None, None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"input column {column!r}: {str(value)[:40]!r} is not a number"
+    if mode == "fixed_ratio":
+        if not 0.0 < number <= 1.0:
+            return None, f"input column {column!r}: keep ratio {number} is outside (0, 1]"
+    elif not 0.0 < number < 1.0:
+        return None, f"input column {column!r}: threshold {number} is outside (0, 1)"
+    return number, None
 
 
 def _is_binary_like(type_: pa.DataType) -> bool:
@@ -379,7 +406,7 @@ def _passthrough(table: pa.Table, cols: InputColumns) -> pa.Table:
     return table.rename_columns([renames.get(name, name) for name in table.column_names])
 
 
-def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[float]) -> pa.Table:
+def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[float], prunes: list) -> pa.Table:
     fixed = {out.name: out for out in OUTPUT_SCHEMA}
     columns = {
         "status": [STATUS_ERROR if row.error else STATUS_OK for row in rows],
@@ -395,6 +422,7 @@ def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[
         PROMPT_COLUMN: [row.prompt for row in rows],
         IMAGES_COLUMN: [list(row.images) for row in rows],
         IMAGE_TOKENS_COLUMN: [list(row.image_tokens) for row in rows],
+        PRUNE_COLUMN: prunes,
     }
     for stage_field in STAGE_SCHEMA:
         table = table.append_column(stage_field, pa.array(stage[stage_field.name], type=stage_field.type))

@@ -158,9 +158,15 @@ class InputColumns(StrictModel):
         "(captioning). Empty questions fall back to input.prompt.",
     )
 
+    pruning: Optional[NonEmptyStr] = Field(
+        None,
+        description="Optional column holding a row's own pruning setting, overriding the job's for that row: its "
+        "threshold (pruning.mode glimpse, in (0, 1)) or its keep ratio (fixed_ratio, in (0, 1]); null = the job's.",
+    )
+
     @model_validator(mode="after")
     def _distinct(self) -> "InputColumns":
-        names = [self.id, self.image] + ([self.question] if self.question else [])
+        names = [self.id, self.image] + ([self.question] if self.question else []) + ([self.pruning] if self.pruning else [])
         if len(set(names)) != len(names):
             raise FieldRuleError("image", f"id, image and question columns must differ, got {names}")
         return self
@@ -411,6 +417,8 @@ class JobSpec(StrictModel):
                 "batching.max_decode_tokens",
                 f"{self.batching.max_decode_tokens} must exceed sampling.max_new_tokens {self.sampling.max_new_tokens}",
             )
+        if self.input.columns.pruning and self.pruning.mode == "none":
+            raise FieldRuleError("input.columns.pruning", "a per-row pruning column needs pruning.mode glimpse or fixed_ratio")
         if self.model.device == "cuda" and self.resources.num_gpus_per_actor == 0:
             raise FieldRuleError("resources.num_gpus_per_actor", "must be > 0 when model.device is 'cuda'")
         if self.model.device == "cpu" and self.model.attn_implementation == "flash_attention_2":

@@ -63,6 +63,7 @@ FIXED_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 # Image stage -> model stage contract (internal; dropped by the writer).
 PROMPT_COLUMN = "_prompt"
+PRUNE_COLUMN = "_prune"
 IMAGES_COLUMN = "_images"
 IMAGE_TOKENS_COLUMN = "_image_tokens"
 STAGE_SCHEMA = pa.schema(
@@ -70,6 +71,7 @@ STAGE_SCHEMA = pa.schema(
         _field(PROMPT_COLUMN, pa.string(), "Resolved prompt text (question or input.prompt); null on error."),
         _field(IMAGES_COLUMN, pa.list_(pa.binary()), "Resized RGB images as raw frames (`encode_frame`), in row order."),
         _field(IMAGE_TOKENS_COLUMN, pa.list_(pa.int32()), "Visual tokens per resized image."),
+        _field(PRUNE_COLUMN, pa.float64(), "The row's own pruning setting (input.columns.pruning); null = the job's."),
     ]
 )
 STAGE_COLUMNS = tuple(STAGE_SCHEMA.names)

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.job import JobSpec
-from schemas.rows import IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, ROW_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
+from schemas.rows import IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, PRUNE_COLUMN, ROW_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
 from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,15 @@ class GlimpseUDF:
 
     def _request(self, row: dict):
         from workers.modeling.api import GenerationRequest
+        from workers.modeling.keep_rule import with_row_value
 
         images = tuple(decode_frame(data) for data in row[IMAGES_COLUMN] or [])
         expected = row.get("visual_tokens")
+        own = row.get(PRUNE_COLUMN)
+        rule = with_row_value(self.engine.rule, own) if own is not None and self.engine.rule is not None else None
         return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN],
                                  visual_tokens=int(expected) if expected is not None and images else None,
-                                 seed=self._row_seed(row))
+                                 seed=self._row_seed(row), keep_rule=rule)
 
     def _row_seed(self, row: dict):
         """With a job seed, each row samples from its own seed (job seed, shard key, row number), so its
@@ -175,7 +178,10 @@ class GlimpseUDF:
             members = [todo[k] for k in group]
 
             def step(members=members):
-                rows, seconds = self.engine.glimpse(self.engine.build_inputs([requests[i] for i in members]))
+                reqs = [requests[i] for i in members]
+                rules = [r.keep_rule for r in reqs]
+                rows, seconds = self.engine.glimpse(self.engine.build_inputs(reqs),
+                                                    rules=rules if any(r is not None for r in rules) else None)
                 for i, row in zip(members, rows):
                     glimpsed[i] = (row, seconds / len(members))
 

@@ -57,6 +57,9 @@ class GenerationRequest:
     # and the seed of its sampling generator (a row's draws then depend on nothing else).
     max_new_tokens: Optional[int] = None
     seed: Optional[int] = None
+    # Optional per-row keep rule (`workers.modeling.keep_rule.KeepRule`) replacing the engine's for
+    # this row, e.g. its own threshold or keep ratio.
+    keep_rule: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

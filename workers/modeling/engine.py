@@ -76,7 +76,8 @@ class GlimpseEngine:
             return []
         keep = _request_keep_masks(requests, keep_layer)
         return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep,
-                                         limits=request_limits(requests, sampling), row_seeds=[r.seed for r in requests])
+                                         limits=request_limits(requests, sampling), row_seeds=[r.seed for r in requests],
+                                         rules=request_rules(requests))
 
     # ---- processed inputs -> results ----------------------------------------------------------
     @torch.inference_mode()
@@ -89,11 +90,13 @@ class GlimpseEngine:
         keep: Optional[KeepMasks] = None,
         limits: Optional[Sequence[int]] = None,
         row_seeds: Sequence = (),
+        rules: Optional[Sequence] = None,
     ) -> list[GenerationResult]:
         """prune=False: the plain model. keep: explicit per-row keep masks instead of the keep rule
         (with or without glimpse modules); prune must then be True. limits: per row, the most tokens
         it may generate (default sampling.max_new_tokens); the batch decodes until its last row
-        stops. row_seeds: per row, its own sampling seed (or None)."""
+        stops. row_seeds: per row, its own sampling seed (or None). rules: per row, its own keep rule
+        (or None: the engine's)."""
         if keep is not None and not prune:
             raise ValueError("explicit keep masks prune: pass prune=True (or no keep masks)")
         inputs = self._check(self._to_device(inputs))
@@ -101,7 +104,7 @@ class GlimpseEngine:
         if keep is not None:
             state = self.core.prefill(inputs, keep_masks=list(keep.masks), keep_layer=keep.keep_layer)
         else:
-            state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None)
+            state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None, rules=rules)
         t1 = _now(self.device)
         tokens, finished = self._decode(state, sampling, limits, row_seeds)
         t2 = _now(self.device)
@@ -112,9 +115,11 @@ class GlimpseEngine:
         ]
 
     @torch.inference_mode()
-    def glimpse(self, inputs: ModelInputs | dict, keep: Optional[KeepMasks] = None) -> tuple[list[GlimpsedRow], float]:
+    def glimpse(self, inputs: ModelInputs | dict, keep: Optional[KeepMasks] = None, rules: Optional[Sequence] = None
+                ) -> tuple[list[GlimpsedRow], float]:
         """The first half of a pruned prefill alone: per-sample rows and the stage's seconds. Without
-        `keep` it is the glimpse stage (pruning engines only); with it, the explicit-mask stage."""
+        `keep` it is the glimpse stage (pruning engines only; `rules`: optional per-row keep rules);
+        with it, the explicit-mask stage."""
         if keep is None and not self.prunes:
             raise ValueError("glimpse() needs glimpse modules and a keep rule, or explicit keep masks")
         inputs = self._check(self._to_device(inputs))
@@ -122,7 +127,7 @@ class GlimpseEngine:
         if keep is not None:
             rows = self.core.masked_stage(inputs, list(keep.masks), keep.keep_layer)
         else:
-            rows = self.core.glimpse_stage(inputs, self.rule)
+            rows = self.core.glimpse_stage(inputs, self.rule, rules=rules)
         return rows, _now(self.device) - t0
 
     @torch.inference_mode()
@@ -208,6 +213,12 @@ class GlimpseEngine:
         if isinstance(inputs, dict):
             inputs = ModelInputs(**{k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")})
         return inputs.to(self.device)
+
+
+def request_rules(requests: Sequence[GenerationRequest]) -> Optional[list]:
+    """Per request, its own keep rule (None: the engine's); None when no request has one."""
+    rules = [r.keep_rule for r in requests]
+    return rules if any(r is not None for r in rules) else None
 
 
 def request_limits(requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[int]:

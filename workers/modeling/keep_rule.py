@@ -40,6 +40,15 @@ class KeepRule:
             raise ValueError(f"min_remain_num must be >= 0, got {self.min_remain_num}")
 
 
+def with_row_value(rule: KeepRule, value: float) -> KeepRule:
+    """The rule with one row's own setting: its keep ratio for a fixed-ratio rule, else its threshold."""
+    from dataclasses import replace
+
+    if rule.fixed_remain_ratio is not None:
+        return replace(rule, fixed_remain_ratio=value)
+    return replace(rule, threshold=value)
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k highest scores. scores: [N] -> [N]."""
     k = max(0, min(int(k), scores.numel()))

@@ -209,7 +209,8 @@ class QwenGlimpseModel:
 
     # ---- prefill -----------------------------------------------------------------------------
     def prefill(
-        self, inputs: ModelInputs, rule: Optional[KeepRule] = None, keep_masks: Optional[list] = None, keep_layer: Optional[int] = None
+        self, inputs: ModelInputs, rule: Optional[KeepRule] = None, keep_masks: Optional[list] = None, keep_layer: Optional[int] = None,
+        rules: Optional[list] = None,
     ) -> PrefillState:
         """Plain prefill when no glimpse modules are attached (or rule is None), else GlimpsePrune.
 
@@ -221,7 +222,7 @@ class QwenGlimpseModel:
             return self.finish_prefill(self.masked_stage(inputs, keep_masks, keep_layer, visual))
         if self.modules is None or rule is None or inputs.pixel_values is None:
             return self._plain_prefill(inputs, visual)
-        return self._glimpse_prefill(inputs, rule, visual)
+        return self.finish_prefill(self.glimpse_stage(inputs, rule, visual, rules))
 
     def _plain_prefill(self, inputs: ModelInputs, visual: list) -> PrefillState:
         hidden, _ = self.embed(inputs, ())
@@ -231,12 +232,10 @@ class QwenGlimpseModel:
         hidden = self.run_layers(range(len(self.lm.layers)), hidden, pad, positions, cache)
         return PrefillState(cache, pad, positions.amax(dim=(0, 2)) + 1, self.next_token_logits(hidden), visual)
 
-    def _glimpse_prefill(self, inputs: ModelInputs, rule: KeepRule, visual: list) -> PrefillState:
-        return self.finish_prefill(self.glimpse_stage(inputs, rule, visual))
-
-    def glimpse_stage(self, inputs: ModelInputs, rule: KeepRule, visual: Optional[list] = None) -> list:
+    def glimpse_stage(self, inputs: ModelInputs, rule: KeepRule, visual: Optional[list] = None, rules: Optional[list] = None) -> list:
         """Layers 0..K with the glimpse, the VIP and the keep rule: one `GlimpsedRow` per sample.
 
+        rules: optional per-sample keep rules (None entries take `rule`), e.g. a row's own threshold.
         Rows from different batches can be regrouped (by retained length) before `finish_prefill`.
         """
         if visual is None:
@@ -272,7 +271,8 @@ class QwenGlimpseModel:
         grids = (inputs.image_grid_thw[:, 1:] // self.visual.spatial_merge_size).tolist()
         logits_all = self.modules.attn_fuser(attn_in, feats, [tuple(g) for g in grids])  # [N]
         per_sample = torch.split(logits_all, [sum(v) for v in visual])
-        keeps = [keep_mask(lg, rule) for lg in per_sample]
+        own = list(rules) if rules is not None else [None] * len(per_sample)
+        keeps = [keep_mask(lg, r if r is not None else rule) for lg, r in zip(per_sample, own)]
         # Drop the glimpse (last slot), then the pruned visual tokens; each row keeps its survivors.
         return self._compact(
             _Stage(hidden[:, :-1], positions[:, :, :-1], inputs, cache, k_last, visual, drop_last_kv=True), keeps, per_sample

@@ -208,7 +208,8 @@ class ContinuousScheduler:
         inputs = engine._check(engine._to_device(engine.build_inputs(requests)))
         t0 = _now(engine.device)
         if self._prune and inputs.pixel_values is not None:
-            rows = self.core.glimpse_stage(inputs, engine.rule)
+            rules = [r.keep_rule for r in requests]
+            rows = self.core.glimpse_stage(inputs, engine.rule, rules=rules if any(r is not None for r in rules) else None)
         else:  # every layer at full length, nothing dropped
             visual = self.core.visual_tokens(inputs)
             masks = [torch.ones(sum(v), dtype=torch.bool, device=engine.device) for v in visual]
