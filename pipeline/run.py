@@ -558,6 +558,11 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
     elif extra["duplicate_ids_across_shards"] is None:
         log.info("ids: the cross-shard duplicate check was skipped (output over 50M rows)")
     summary = writer.build_summary(totals, wall_s, job, shards_total=len(plan.keys), shards_skipped=len(plan.skipped), extra=extra)
+    prediction = summary.get("pruning_prediction")
+    if prediction and not prediction["pays"]:
+        log.warning("pruning can save little on these rows: predicted prefill work %.2f and decode cache %.2f of the "
+                    "unpruned model's (visual tokens are %.0f%% of the prompt); its glimpse pass may cost more than it saves",
+                    prediction["prefill_work_ratio"], prediction["kv_cache_ratio"], 100 * prediction["visual_share_of_prompt"])
     summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
     summary["summary_url"] = writer.write_summary(job.output, summary)
     complete = not plan.bad and not incomplete and not interrupted and all(

@@ -159,6 +159,8 @@ class RunStats:
     kept_tokens: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    prefill_work_full: int = 0  # sum of prompt_tokens over rows with a prefill_work_ratio
+    prefill_work_pruned: float = 0.0  # sum of prefill_work_ratio * prompt_tokens
 
     def __add__(self, other: "RunStats") -> "RunStats":
         return RunStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -169,7 +171,11 @@ class RunStats:
         ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
         ratios = ok.column("keep_ratio").drop_null()
         total = lambda name: int(pc.sum(ok.column(name)).as_py() or 0)  # noqa: E731
+        work = ok.filter(pc.invert(pc.is_null(ok.column("prefill_work_ratio"))))
         return cls(
+            prefill_work_full=int(pc.sum(work.column("prompt_tokens")).as_py() or 0),
+            prefill_work_pruned=float(pc.sum(pc.multiply(work.column("prefill_work_ratio"),
+                                                         pc.cast(work.column("prompt_tokens"), pa.float64()))).as_py() or 0.0),
             rows_total=table.num_rows, rows_ok=ok.num_rows, rows_error=table.num_rows - ok.num_rows,
             keep_ratio_sum=float(pc.sum(ratios).as_py() or 0.0), keep_ratio_rows=len(ratios),
             visual_tokens=total("visual_tokens"), kept_tokens=total("kept_tokens"),
@@ -402,11 +408,35 @@ def build_summary(stats: RunStats, wall_s: float, job: JobSpec, *, shards_total:
         "output_tokens": stats.output_tokens,
         "shards_total": shards_total,
         "shards_skipped": shards_skipped,
+        "pruning_prediction": pruning_prediction(stats),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "job": job.to_manifest(),
     }
     summary.update(extra or {})
     return summary
+
+
+def pruning_prediction(stats: RunStats) -> Optional[dict[str, Any]]:
+    """What pruning can save on these rows, from their token counts (None when nothing was pruned).
+
+    prefill_work_ratio: predicted decoder prefill work pruned / unpruned (per row
+      ((K+1)(T+N+1) + (L-K-1)(T+kept)) / (L(T+N)), weighted by prompt length; token-layers, so the
+      quadratic attention term, the ViT and the VIP are left out);
+    kv_cache_ratio: the decode cache pruned / unpruned at the answers' mid-point,
+      (P - V + kept + O/2) / (P + O/2) with totals P prompt, V visual, O output tokens; it is the
+      ratio that bounds how many more rows decode at once under one memory budget;
+    pays: False when both are close to 1 (prefill ratio >= 0.97 and cache ratio >= 0.9): the ViT,
+      the layers before the pruning point and the text dominate, so pruning costs its glimpse pass
+      and saves next to nothing.
+    """
+    if not stats.prefill_work_full:
+        return None
+    half_out = stats.output_tokens / 2
+    prefill = stats.prefill_work_pruned / stats.prefill_work_full
+    kv = (stats.prompt_tokens - stats.visual_tokens + stats.kept_tokens + half_out) / max(stats.prompt_tokens + half_out, 1e-9)
+    return {"prefill_work_ratio": prefill, "kv_cache_ratio": kv,
+            "visual_share_of_prompt": stats.visual_tokens / max(stats.prompt_tokens, 1),
+            "pays": not (prefill >= 0.97 and kv >= 0.9)}
 
 
 def write_summary(output: OutputSpec, summary: Mapping[str, Any]) -> str:

@@ -36,7 +36,7 @@ from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
 MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "prompt_tokens", "output_tokens",
-                 "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use")
+                 "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use", "prefill_work_ratio")
 
 
 def keep_rule_for(job: JobSpec):
@@ -106,7 +106,7 @@ class GlimpseUDF:
         todo = [i for i in todo if i in requests]
         if self.scheduler is not None:
             self._continuous(todo, requests, out)
-            return _assemble(batch, rows, out)
+            return self._assemble(batch, rows, out)
         raw = {i: len(rows[i][PROMPT_COLUMN] or "") // 3 + int(rows[i]["visual_tokens"] or 0) for i in todo}
         b = self.job.batching
         if self.engine.prunes:
@@ -123,6 +123,14 @@ class GlimpseUDF:
             members = [ids[k] for k in group]
             pad = padding_fraction([lengths[i] for i in members], [list(range(len(members)))])
             self._guarded(members, out, lambda: run(members), pad)
+        return self._assemble(batch, rows, out)
+
+    def _assemble(self, batch, rows, out) -> pa.Table:
+        if self.engine.prunes:
+            layers, k = len(self.engine.core.lm.layers), self.engine.modules.config.reduce_layer
+            for o in out:
+                if o.get("kept_tokens") is not None and o.get("prompt_tokens"):
+                    o["prefill_work_ratio"] = prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"], layers, k)
         return _assemble(batch, rows, out)
 
     def _continuous(self, todo: list, requests: dict, out: list) -> None:
@@ -202,6 +210,12 @@ class GlimpseUDF:
             out[i] = _model_values(res, pad_fraction_value)
 
 
+def prefill_work_ratio(prompt: int, visual: int, kept: int, layers: int, k: int) -> float:
+    """Decoder prefill token-layers pruned / unpruned for one row (schemas.rows: prefill_work_ratio)."""
+    text = prompt - visual
+    return ((k + 1) * (prompt + 1) + (layers - k - 1) * (text + kept)) / (layers * prompt)
+
+
 def _fatal(exc: Exception) -> bool:
     return "CUDA" in str(exc) or type(exc).__name__ == "OutOfMemoryError"
 
@@ -213,7 +227,7 @@ def _model_values(res, pad_fraction_value=None) -> dict:
         "answer": res.text, "kept_tokens": res.kept_tokens, "keep_ratio": res.keep_ratio,
         "kept_per_image": res.kept_per_image, "prompt_tokens": res.prompt_tokens,
         "output_tokens": res.output_tokens, "finish_reason": res.finish_reason,
-        "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+        "prefill_s": res.prefill_s, "decode_s": res.decode_s, "visual_tokens": res.visual_tokens,
         "pad_fraction": extra.get("pad_fraction", pad_fraction_value), "decode_rows": extra.get("decode_rows"),
         "kv_use": extra.get("kv_use"),
     }
@@ -228,7 +242,7 @@ def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
     table = table.set_column(table.column_names.index("error"), "error", pa.array(error, pa.string()))
     types = {"kept_tokens": pa.int32(), "prompt_tokens": pa.int32(), "output_tokens": pa.int32(), "keep_ratio": pa.float64(),
              "prefill_s": pa.float64(), "decode_s": pa.float64(), "pad_fraction": pa.float64(),
-             "decode_rows": pa.float64(), "kv_use": pa.float64(),
+             "decode_rows": pa.float64(), "kv_use": pa.float64(), "prefill_work_ratio": pa.float64(),
              "kept_per_image": pa.list_(pa.int32()), "answer": pa.string(), "finish_reason": pa.string()}
     for name in MODEL_COLUMNS:
         table = table.append_column(name, pa.array([o.get(name) for o in out], types[name]))

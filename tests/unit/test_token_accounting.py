@@ -80,6 +80,29 @@ def test_stage_model_and_stats_count_the_same_tokens(mode):
     kept, visual = sum(r["kept_tokens"] for r in rows.values()), sum(stage.values())
     assert summary["overall_keep_ratio"] == pytest.approx(kept / visual)
     assert summary["mean_keep_ratio"] == pytest.approx(sum(r["kept_tokens"] / r["visual_tokens"] for r in rows.values()) / 3)
+    prediction = summary["pruning_prediction"]
+    if mode == "none":
+        assert prediction is None and all(r["prefill_work_ratio"] is None for r in rows.values())
+    else:
+        from workers.generate import prefill_work_ratio
+
+        layers, k = 8, 1  # the v2 small model: 8 text layers, pruned after layer 1
+        for r in rows.values():
+            assert r["prefill_work_ratio"] == pytest.approx(
+                prefill_work_ratio(r["prompt_tokens"], r["visual_tokens"], r["kept_tokens"], layers, k))
+        prompt = sum(r["prompt_tokens"] for r in rows.values())
+        expected = sum(r["prefill_work_ratio"] * r["prompt_tokens"] for r in rows.values()) / prompt
+        assert prediction["prefill_work_ratio"] == pytest.approx(expected)
+        assert (k + 1) / layers < prediction["prefill_work_ratio"]
+        assert prediction["pays"] == (prediction["prefill_work_ratio"] < 0.97 or prediction["kv_cache_ratio"] < 0.9)
+
+
+def test_prefill_work_ratio_bounds():
+    from workers.generate import prefill_work_ratio
+
+    assert prefill_work_ratio(100, 80, 80, 28, 18) > 1.0  # nothing dropped: the glimpse token costs
+    assert prefill_work_ratio(100, 80, 0, 28, 18) == pytest.approx((19 * 101 + 9 * 20) / 2800)
+    assert prefill_work_ratio(100, 80, 0, 28, 18) > 19 / 28
 
 
 def test_a_processor_that_resizes_differently_gives_error_rows_not_silent_counts():
