@@ -1,8 +1,8 @@
 """Continuous-batching benchmark: the KV-budget scheduler against static batching, and pruned against
 unpruned at an equal KV budget, on one random-weight engine in one process.
 
-Workload: R rows, one square random image each (448 px = 256 visual tokens on the mid-size model), one
-caption prompt, and per row a max_new_tokens drawn uniformly from [8, 128] (seeded). The LM-head rows
+Workload: R rows (default 64: one model-stage call at max_rows 16, whose blocks are 4 x max_rows), one
+square random image each (part 1: 224 px = 64 visual tokens; parts 2-3: 448 px = 256), one caption prompt, and per row a max_new_tokens drawn uniformly from [8, 128] (seeded). The LM-head rows
 of the stop tokens are zeroed (as in engine_bench), so every row generates exactly its own length and
 both schedulers do the same useful work.
 
@@ -98,17 +98,20 @@ def run_static(engine, requests, sampling, max_rows: int, decode_budget: int, pr
     ids = sorted(glimpsed)
     limits = request_limits(requests, sampling)
     steps = slots = useful = 0
+    decode_s = prefill_s = 0.0
     results = {}
     for group in pack_by_budget([glimpsed[i].length for i in ids], decode_budget, max_rows, extra=sampling.max_new_tokens):
         members = [ids[k] for k in group]
         out = engine.generate_from_rows([glimpsed[i] for i in members], sampling, limits=[limits[i] for i in members])
         results.update(zip(members, out))
+        decode_s += out[0].decode_s  # the group's decode seconds (every row of a group carries them)
         longest = max(limits[i] for i in members)
         steps += longest - 1  # decoder forwards after the prefill
         slots += len(members) * (longest - 1)
         useful += sum(limits[i] - 1 for i in members)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": steps, "slot_occupancy": useful / slots,
+            "decode_s": decode_s, "prefill_and_rest_s": wall - decode_s,
             "tokens": [results[i].token_ids for i in range(len(requests))]}
 
 
@@ -122,6 +125,7 @@ def run_continuous(engine, requests, sampling, max_rows: int, kv_budget: int, pr
     wall = time.perf_counter() - t0
     row_steps = stats.row_steps
     return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": stats.decode_steps,
+            "decode_s": stats.decode_s, "prefill_and_rest_s": wall - stats.decode_s,
             "slot_occupancy": row_steps / (stats.decode_steps * max_rows) if stats.decode_steps else 0.0,
             "stats": stats.as_dict(), "kept_tokens": [results[i].kept_tokens for i in range(len(requests))],
             "prompt_tokens": [results[i].prompt_tokens for i in range(len(requests))],
@@ -133,6 +137,8 @@ def run_continuous(engine, requests, sampling, max_rows: int, kv_budget: int, pr
 
 
 def part1(engine, requests, sampling, args) -> dict:
+    """predicted_rows_per_s_ratio: prefill as measured, each continuous decode step at the static step's
+    measured cost (step cost independent of batch size up to max_rows, as on a memory-bound GPU)."""
     layers = len(engine.core.lm.layers)
     kv_budget = 10**12  # not binding: both are limited by max_rows alone
     decode_budget = 10**9
@@ -148,6 +154,10 @@ def part1(engine, requests, sampling, args) -> dict:
     ideal = -(-sum(n - 1 for n in lengths) // args.max_rows)
     static_steps = runs["static"][0]["decode_steps"]
     med = {m: statistics.median(r["rows_per_s"] for r in rs) for m, rs in runs.items()}
+    dec = {m: statistics.median(r["decode_s"] for r in rs) for m, rs in runs.items()}
+    per_step = {m: dec[m] / max(runs[m][0]["decode_steps"], 1) for m in runs}
+    rest = {m: statistics.median(r["prefill_and_rest_s"] for r in rs) for m, rs in runs.items()}
+    cont_steps = runs["continuous"][0]["decode_steps"]
     return {
         "max_rows": args.max_rows, "layers": layers, "rows": len(requests),
         "rows_per_s": med, "ratio_continuous_over_static": med["continuous"] / med["static"],
@@ -156,6 +166,10 @@ def part1(engine, requests, sampling, args) -> dict:
         "decode_steps": {m: rs[0]["decode_steps"] for m, rs in runs.items()},
         "predicted_ratio_equal_step_cost": static_steps / max(ideal, 1),
         "predicted_continuous_steps_at_full_occupancy": ideal,
+        "decode_s": dec, "decode_ratio_static_over_continuous": dec["static"] / dec["continuous"],
+        "decode_s_per_step": per_step, "prefill_and_rest_s": rest,
+        "predicted_decode_ratio_measured_steps": static_steps / max(cont_steps, 1),
+        "predicted_rows_per_s_ratio": (rest["static"] + dec["static"]) / (rest["static"] + per_step["static"] * cont_steps),
         "same_tokens": same,
         "continuous_stats": runs["continuous"][0]["stats"],
     }
@@ -227,10 +241,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.quick:
         args.rows, args.image_size, args.max_new = args.rows or 8, args.image_size or 112, args.max_new or 12
+        args.part1_image_size = args.part1_image_size or 56
         args.limits = args.limits or [2, 8]
         args.max_rows = min(args.max_rows, 4)
     else:
         args.rows, args.image_size, args.max_new = args.rows or 64, args.image_size or 448, args.max_new or 128
+        args.part1_image_size = args.part1_image_size or 224
         args.limits = args.limits or [4, 16, 64]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -248,13 +264,15 @@ def _run(args) -> dict:
     engine = EB.build_engine(setup)
     lengths = draw_lengths(args.rows, min(args.min_new, args.max_new), args.max_new, args.seed)
     requests = make_requests(args.rows, args.image_size, lengths, args.seed)
+    captions = make_requests(args.rows, args.part1_image_size, lengths, args.seed + 1)
     sampling = SamplingParams(max_new_tokens=args.max_new)
     run_continuous(engine, requests[:2], sampling, 2, 10**12, args.prefill_tokens)  # warm-up
+    run_static(engine, captions[:2], sampling, 2, 10**9, args.prefill_tokens)
     started = time.perf_counter()
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
               "answer_lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}}
-    result["part1_continuous_vs_static"] = part1(engine, requests, sampling, args)
+    result["part1_continuous_vs_static"] = part1(engine, captions, sampling, args)
     result["part2_pruned_vs_unpruned_equal_kv"] = part2(engine, requests, sampling, args)
     result["part3_engine_vs_prediction"] = part3(engine, requests, result["part2_pruned_vs_unpruned_equal_kv"])
     result["bench_wall_s"] = time.perf_counter() - started
@@ -271,6 +289,9 @@ def print_report(result: dict) -> None:
           f"max_rows {p1['max_rows']}")
     print(f"  rows/s static {p1['rows_per_s']['static']:.3f}  continuous {p1['rows_per_s']['continuous']:.3f}  "
           f"ratio {p1['ratio_continuous_over_static']:.2f} (predicted at equal step cost {p1['predicted_ratio_equal_step_cost']:.2f})")
+    print(f"  decode s static {p1['decode_s']['static']:.2f}  continuous {p1['decode_s']['continuous']:.2f}  ratio "
+          f"{p1['decode_ratio_static_over_continuous']:.2f} (predicted from steps {p1['predicted_decode_ratio_measured_steps']:.2f}); "
+          f"rows/s predicted {p1['predicted_rows_per_s_ratio']:.2f}")
     print(f"  slot occupancy static {p1['slot_occupancy']['static']:.2f}  continuous {p1['slot_occupancy']['continuous']:.2f}; "
           f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
     p2 = result["part2_pruned_vs_unpruned_equal_kv"]
@@ -291,14 +312,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few rows: seconds (the smoke test)")
     parser.add_argument("--rows", type=int, default=None, help="rows (default 64, quick 8)")
-    parser.add_argument("--image-size", type=int, default=None, help="square side in px (default 448, quick 112)")
+    parser.add_argument("--image-size", type=int, default=None, help="parts 2-3: square side in px (default 448, quick 112)")
+    parser.add_argument("--part1-image-size", type=int, default=None, help="part 1 (captions): side in px (default 224)")
     parser.add_argument("--min-new", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=None, help="longest answer (default 128, quick 12)")
     parser.add_argument("--max-rows", type=int, default=16, help="part 1: rows decoding at once (both schedulers)")
     parser.add_argument("--limits", type=int, nargs="+", default=None, help="part 2 concurrency limits (default 4 16 64)")
     parser.add_argument("--kv-rows", type=int, default=8, help="part 2: the KV budget holds this many unpruned rows")
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="raw tokens per glimpse chunk")
-    parser.add_argument("--repeats", type=int, default=1, help="part 1: ABBA rounds")
+    parser.add_argument("--repeats", type=int, default=2, help="part 1: ABBA rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -19,6 +19,7 @@ from torch import nn
 from .api import GenerationRequest, GenerationResult, KeepMasks, SamplingParams
 from .glimpse import GlimpseModules
 from .keep_rule import KeepRule, split_per_image
+from .pixels import PixelPrep, expand_image_tokens
 from .qwen2_5_vl import GlimpsedRow, ModelInputs, PrefillState, QwenGlimpseModel
 from .sampling import row_generators, select_next
 
@@ -36,6 +37,9 @@ class GlimpseEngine:
         self.eos_ids = _eos_ids(model, processor)
         tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # Images the caller sized already skip the processor's image half (`pixels.PixelPrep`, exact).
+        self.fast_pixels = True
+        self._prep = None
 
     @property
     def prunes(self) -> bool:
@@ -52,16 +56,47 @@ class GlimpseEngine:
             texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             images.extend(req.images)
         self.processor.tokenizer.padding_side = "left"
-        batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        inputs = ModelInputs(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
-        )
+        prep = self._pixel_prep()
+        if images and prep is not None and all(prep.applies(im) for im in images):
+            inputs = self._fast_inputs(prep, requests, texts, images)
+        else:
+            batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            inputs = ModelInputs(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"),
+            )
         if any(r.visual_tokens is not None for r in requests):
             check_visual_tokens(requests, self.core.visual_tokens(inputs))
         return inputs
+
+    def _pixel_prep(self):
+        """The tensor-op image half (`pixels.PixelPrep`), or None when the processor is not a Qwen2-VL one
+        or `fast_pixels` is off."""
+        if not self.fast_pixels:
+            return None
+        if self._prep is None:
+            ip = getattr(self.processor, "image_processor", None)
+            if ip is None or not all(hasattr(ip, a) for a in ("patch_size", "temporal_patch_size", "merge_size", "image_mean")):
+                self.fast_pixels = False
+                return None
+            self._prep = PixelPrep(ip)
+        return self._prep
+
+    def _fast_inputs(self, prep, requests, texts, images) -> ModelInputs:
+        """Images already sized by the caller: pixel values by table lookup on the device, the prompt's
+        image placeholders expanded as the processor does, then the tokenizer alone."""
+        pixel_values, grid = prep(images, self.device)
+        token = self.processor.image_token
+        expanded, k = [], 0
+        for req, text in zip(requests, texts):
+            counts = [prep.tokens(im) for im in req.images]
+            expanded.append(expand_image_tokens(text, token, counts))
+            k += len(counts)
+        batch = self.processor.tokenizer(expanded, padding=True, return_tensors="pt")
+        return ModelInputs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=pixel_values, image_grid_thw=grid)
 
     def generate(
         self,
