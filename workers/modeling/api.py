@@ -60,6 +60,9 @@ class GenerationRequest:
     # Optional per-row keep rule (`workers.modeling.keep_rule.KeepRule`) replacing the engine's for
     # this row, e.g. its own threshold or keep ratio.
     keep_rule: Optional[Any] = None
+    # Optional seed of a pruning strategy's random choices for this row (the random strategy), so the
+    # row's subset depends on nothing else in its batch.
+    prune_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

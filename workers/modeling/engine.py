@@ -27,12 +27,17 @@ from .sampling import row_generators, select_next
 class GlimpseEngine:
     """Holds a model, its processor, optional glimpse modules and the keep rule chosen at start."""
 
-    def __init__(self, model: nn.Module, processor, modules: Optional[GlimpseModules] = None, rule: Optional[KeepRule] = None):
+    def __init__(self, model: nn.Module, processor, modules: Optional[GlimpseModules] = None, rule: Optional[KeepRule] = None,
+                 strategy=None):
         self.model = model.eval()
         self.processor = processor
         self.modules = modules.eval() if modules is not None else None
+        if strategy is not None and (rule is None or rule.fixed_remain_ratio is None):
+            raise ValueError(f"pruning strategy {strategy.name!r} needs a keep ratio: rule=KeepRule(fixed_remain_ratio=r)")
         self.rule = rule if rule is not None else (modules.config.keep_rule() if modules is not None else None)
-        self.core = QwenGlimpseModel(model, self.modules)
+        # A `strategies.Strategy` (FastV, DivPrune, ...) replaces the glimpse modules' pruning; None = GlimpsePrune.
+        self.strategy = strategy
+        self.core = QwenGlimpseModel(model, self.modules, strategy)
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, processor)
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -43,7 +48,22 @@ class GlimpseEngine:
 
     @property
     def prunes(self) -> bool:
-        return self.modules is not None and self.rule is not None
+        return self.core.can_prune and self.rule is not None
+
+    @property
+    def pruning_name(self) -> str:
+        """The pruning in force: "none", "glimpse" or the strategy's name."""
+        if not self.prunes:
+            return "none"
+        return self.strategy.name if self.strategy is not None else "glimpse"
+
+    def prune_layers(self) -> list:
+        """The decoder layers after which this engine prunes (-1 = before the LLM); [] without pruning."""
+        if not self.prunes:
+            return []
+        if self.strategy is not None:
+            return self.strategy.stages(len(self.core.lm.layers))
+        return [self.modules.config.reduce_layer]
 
     # ---- requests -> processed inputs -------------------------------------------------------
     def build_inputs(self, requests: Sequence[GenerationRequest]) -> ModelInputs:
@@ -112,7 +132,7 @@ class GlimpseEngine:
         keep = _request_keep_masks(requests, keep_layer)
         return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep,
                                          limits=request_limits(requests, sampling), row_seeds=[r.seed for r in requests],
-                                         rules=request_rules(requests))
+                                         rules=request_rules(requests), prune_seeds=request_prune_seeds(requests))
 
     # ---- processed inputs -> results ----------------------------------------------------------
     @torch.inference_mode()
@@ -126,12 +146,13 @@ class GlimpseEngine:
         limits: Optional[Sequence[int]] = None,
         row_seeds: Sequence = (),
         rules: Optional[Sequence] = None,
+        prune_seeds: Optional[Sequence] = None,
     ) -> list[GenerationResult]:
         """prune=False: the plain model. keep: explicit per-row keep masks instead of the keep rule
         (with or without glimpse modules); prune must then be True. limits: per row, the most tokens
         it may generate (default sampling.max_new_tokens); the batch decodes until its last row
         stops. row_seeds: per row, its own sampling seed (or None). rules: per row, its own keep rule
-        (or None: the engine's)."""
+        (or None: the engine's). prune_seeds: per row, the seed of a strategy's random choices."""
         if keep is not None and not prune:
             raise ValueError("explicit keep masks prune: pass prune=True (or no keep masks)")
         inputs = self._check(self._to_device(inputs))
@@ -139,7 +160,7 @@ class GlimpseEngine:
         if keep is not None:
             state = self.core.prefill(inputs, keep_masks=list(keep.masks), keep_layer=keep.keep_layer)
         else:
-            state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None, rules=rules)
+            state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None, rules=rules, seeds=prune_seeds)
         t1 = _now(self.device)
         tokens, finished = self._decode(state, sampling, limits, row_seeds)
         t2 = _now(self.device)
@@ -150,19 +171,19 @@ class GlimpseEngine:
         ]
 
     @torch.inference_mode()
-    def glimpse(self, inputs: ModelInputs | dict, keep: Optional[KeepMasks] = None, rules: Optional[Sequence] = None
-                ) -> tuple[list[GlimpsedRow], float]:
+    def glimpse(self, inputs: ModelInputs | dict, keep: Optional[KeepMasks] = None, rules: Optional[Sequence] = None,
+                prune_seeds: Optional[Sequence] = None) -> tuple[list[GlimpsedRow], float]:
         """The first half of a pruned prefill alone: per-sample rows and the stage's seconds. Without
         `keep` it is the glimpse stage (pruning engines only; `rules`: optional per-row keep rules);
-        with it, the explicit-mask stage."""
+        with it, the explicit-mask stage. With a pruning strategy it is that strategy's stage."""
         if keep is None and not self.prunes:
-            raise ValueError("glimpse() needs glimpse modules and a keep rule, or explicit keep masks")
+            raise ValueError("glimpse() needs glimpse modules (or a strategy) and a keep rule, or explicit keep masks")
         inputs = self._check(self._to_device(inputs))
         t0 = _now(self.device)
         if keep is not None:
             rows = self.core.masked_stage(inputs, list(keep.masks), keep.keep_layer)
         else:
-            rows = self.core.glimpse_stage(inputs, self.rule, rules=rules)
+            rows = self.core.prune_stage(inputs, self.rule, rules=rules, seeds=prune_seeds)
         return rows, _now(self.device) - t0
 
     @torch.inference_mode()
@@ -254,6 +275,12 @@ def request_rules(requests: Sequence[GenerationRequest]) -> Optional[list]:
     """Per request, its own keep rule (None: the engine's); None when no request has one."""
     rules = [r.keep_rule for r in requests]
     return rules if any(r is not None for r in rules) else None
+
+
+def request_prune_seeds(requests: Sequence[GenerationRequest]) -> Optional[list]:
+    """Per request, the seed of a strategy's random choices; None when no request has one."""
+    seeds = [r.prune_seed for r in requests]
+    return seeds if any(s is not None for s in seeds) else None
 
 
 def request_limits(requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[int]:

@@ -97,9 +97,10 @@ class PrefillState:
 class QwenGlimpseModel:
     """Stateless prefill/decode over a stock `Qwen2_5_VLForConditionalGeneration`."""
 
-    def __init__(self, model: nn.Module, modules: Optional[GlimpseModules] = None):
+    def __init__(self, model: nn.Module, modules: Optional[GlimpseModules] = None, strategy=None):
         self.model = model
         self.modules = modules
+        self.strategy = strategy  # a `strategies.Strategy` replacing the glimpse modules' pruning, or None
         self.lm = compat.language_model(model)
         self.visual = compat.vision_tower(model)
         self.config = model.config
@@ -210,7 +211,7 @@ class QwenGlimpseModel:
     # ---- prefill -----------------------------------------------------------------------------
     def prefill(
         self, inputs: ModelInputs, rule: Optional[KeepRule] = None, keep_masks: Optional[list] = None, keep_layer: Optional[int] = None,
-        rules: Optional[list] = None,
+        rules: Optional[list] = None, seeds: Optional[list] = None,
     ) -> PrefillState:
         """Plain prefill when no glimpse modules are attached (or rule is None), else GlimpsePrune.
 
@@ -220,9 +221,25 @@ class QwenGlimpseModel:
         visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
         if keep_masks is not None:
             return self.finish_prefill(self.masked_stage(inputs, keep_masks, keep_layer, visual))
-        if self.modules is None or rule is None or inputs.pixel_values is None:
+        if not self.can_prune or rule is None or inputs.pixel_values is None:
             return self._plain_prefill(inputs, visual)
-        return self.finish_prefill(self.glimpse_stage(inputs, rule, visual, rules))
+        return self.finish_prefill(self.prune_stage(inputs, rule, rules, seeds, visual=visual))
+
+    @property
+    def can_prune(self) -> bool:
+        return self.modules is not None or self.strategy is not None
+
+    def prune_stage(self, inputs: ModelInputs, rule: KeepRule, rules: Optional[list] = None, seeds: Optional[list] = None,
+                    visual: Optional[list] = None) -> list:
+        """The first half of a pruned prefill by the engine's pruning: the strategy's (`strategy_stage`,
+        budget = the rule's fixed_remain_ratio) when one is set, else GlimpsePrune's (`glimpse_stage`)."""
+        if self.strategy is None:
+            return self.glimpse_stage(inputs, rule, visual, rules)
+        own = list(rules) if rules is not None else [None] * inputs.input_ids.shape[0]
+        ratios = [(r if r is not None else rule).fixed_remain_ratio for r in own]
+        if any(r is None for r in ratios):
+            raise ValueError(f"pruning strategy {self.strategy.name!r} needs a keep ratio (KeepRule.fixed_remain_ratio)")
+        return self.strategy_stage(inputs, self.strategy, ratios, seeds, visual)
 
     def _plain_prefill(self, inputs: ModelInputs, visual: list) -> PrefillState:
         hidden, _ = self.embed(inputs, ())
@@ -277,6 +294,126 @@ class QwenGlimpseModel:
         return self._compact(
             _Stage(hidden[:, :-1], positions[:, :, :-1], inputs, cache, k_last, visual, drop_last_kv=True), keeps, per_sample
         )
+
+    def strategy_stage(self, inputs: ModelInputs, strategy, ratios: list, seeds: Optional[list] = None,
+                       visual: Optional[list] = None) -> list:
+        """A `strategies.Strategy` on a batch: one `GlimpsedRow` per sample, as `glimpse_stage` gives.
+
+        Runs the plain prompt up to each of the strategy's pruning layers in turn (-1: before layer 0),
+        builds the signals it needs there (`strategies.Signals`), lets it choose each row's survivors
+        under that row's budget (ratios: per row its keep ratio; k = strategies.keep_count), and drops
+        the rest from hidden states, positions and the KV cache of every layer so far, re-left-padding
+        between stages. seeds: per row, its prune seed for random choices (None: 0)."""
+        from .strategies import Signals, keep_count, row_generator
+
+        if visual is None:
+            visual = _visual_tokens_per_sample(inputs, self.config.image_token_id, self.visual.spatial_merge_size)
+        n_layers = len(self.lm.layers)
+        stages = strategy.stages(n_layers)
+        needs = strategy.needs
+        if "embeds" in needs and stages != [-1]:
+            raise ValueError(f"strategy {strategy.name!r} reads input embeddings, so it must prune before the LLM (layer -1)")
+        hidden, _ = self.embed(inputs, ())
+        positions = self.positions(inputs)
+        pad = inputs.attention_mask
+        ids = inputs.input_ids
+        bsz, device = ids.shape[0], ids.device
+        is_image = (ids == self.config.image_token_id) & pad.bool()
+        vis_idx = torch.full_like(ids, -1)
+        totals = [sum(v) for v in visual]
+        if sum(totals):
+            vis_idx[is_image] = torch.cat([torch.arange(t, device=device) for t in totals])
+        grids = _sample_grids(inputs, visual, self.visual.spatial_merge_size)
+        budgets = [strategy.stage_budgets(t, keep_count(t, r), n_layers) for t, r in zip(totals, ratios)]
+        seeds = list(seeds) if seeds is not None else [None] * bsz
+        gens = [row_generator(getattr(strategy, "seed", 0), s) for s in seeds]
+        cache = DynamicCache(config=compat.text_config(self.model))
+        done = -1
+        for s, layer in enumerate(stages):
+            queries: dict = {}
+
+            def on_layer(i, h, rope, before, layer=layer):
+                if before and i == layer and "attn" in needs:
+                    queries["q"] = self.glimpse_query(i, h, rope)
+                return h
+
+            hidden = self.run_layers(range(done + 1, layer + 1), hidden, pad, positions, cache, on_layer)
+            done = layer
+            attn = self._last_token_attention(queries["q"], cache, layer, pad) if "attn" in needs else None
+            keys = compat.cache_keys(cache, layer) if "keys" in needs else None
+            keep_slot = pad.bool() & ~is_image
+            for b in range(bsz):
+                sel = is_image[b]
+                n = int(sel.sum())
+                if n == 0:
+                    continue
+                sig = Signals(
+                    n=n, original=vis_idx[b][sel], grids=grids[b],
+                    embeds=hidden[b][sel] if layer == -1 else None,
+                    hidden=hidden[b][sel] if "hidden" in needs else None,
+                    keys=keys[b][:, sel].transpose(0, 1).reshape(n, -1) if keys is not None else None,
+                    attn=attn[b][sel] if attn is not None else None,
+                    generator=gens[b],
+                )
+                mask = strategy.select(sig, budgets[b][s]).to(device)
+                if mask.shape != (n,) or int(mask.sum()) != budgets[b][s]:
+                    raise RuntimeError(f"strategy {strategy.name!r} kept {int(mask.sum())} of {n} tokens, not its budget {budgets[b][s]}")
+                keep_slot[b, sel] = mask
+            if s == len(stages) - 1:
+                break
+            hidden, positions, pad, is_image, vis_idx, cache = self._repad(keep_slot, hidden, positions, is_image, vis_idx, cache, layer)
+        rows = []
+        for b in range(bsz):
+            sel = keep_slot[b]
+            kept = vis_idx[b][sel & is_image[b]]
+            keep = torch.zeros(totals[b], dtype=torch.bool, device=device)
+            keep[kept] = True
+            rows.append(GlimpsedRow(
+                hidden=hidden[b][sel],
+                positions=positions[:, b][:, sel],
+                keys=tuple(compat.cache_keys(cache, i)[b][:, sel] for i in range(done + 1)),
+                values=tuple(compat.cache_values(cache, i)[b][:, sel] for i in range(done + 1)),
+                visual_tokens=visual[b],
+                keep_mask=keep,
+                importance_logits=None,
+                prompt_tokens=int(inputs.attention_mask[b].sum()),
+                reduce_layer=done,
+            ))
+        return rows
+
+    def _last_token_attention(self, query, cache, layer_idx, pad) -> torch.Tensor:
+        """Softmax attention of the last (prompt) token over every key at one layer, mean over heads: [B, L]."""
+        keys = compat.cache_keys(cache, layer_idx)  # [B, kv_heads, L, hd] (post-RoPE)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        logits = torch.matmul(query.unsqueeze(2).float(), keys.float().transpose(-1, -2)).squeeze(2) / keys.shape[-1] ** 0.5
+        logits = logits.masked_fill(~pad.bool()[:, None, :], float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=1)
+
+    def _repad(self, keep_slot, hidden, positions, is_image, vis_idx, cache, k_last):
+        """Drop the unkept slots of a batch and left-pad it again (hidden, positions, masks, the KV cache
+        of layers 0..k_last); padded slots are zero with position 0, as in `finish_prefill`."""
+        lengths = keep_slot.sum(dim=1)
+        new_len = int(lengths.max())
+        slots = torch.arange(new_len, device=keep_slot.device)[None, :] >= (new_len - lengths)[:, None]
+        bsz = keep_slot.shape[0]
+        new_hidden = hidden.new_zeros(bsz, new_len, hidden.shape[-1])
+        new_hidden[slots] = hidden[keep_slot]
+        new_pos = positions.new_zeros(3, bsz, new_len)
+        new_pos[:, slots] = positions[:, keep_slot]
+        new_image = torch.zeros_like(slots)
+        new_image[slots] = is_image[keep_slot]
+        new_idx = torch.full_like(slots, -1, dtype=vis_idx.dtype)
+        new_idx[slots] = vis_idx[keep_slot]
+        new_cache = DynamicCache(config=compat.text_config(self.model))
+        for i in range(k_last + 1):
+            kv = []
+            for t in (compat.cache_keys(cache, i), compat.cache_values(cache, i)):
+                src = t.transpose(1, 2)  # [B, L, h, d]
+                out = src.new_zeros(bsz, new_len, src.shape[2], src.shape[3])
+                out[slots] = src[keep_slot]
+                kv.append(out.transpose(1, 2).contiguous())
+            new_cache.update(kv[0], kv[1], i)
+        return new_hidden, new_pos, slots.long(), new_image, new_idx, new_cache
 
     def masked_stage(
         self, inputs: ModelInputs, keep_masks: list, keep_layer: Optional[int] = None, visual: Optional[list] = None
@@ -404,6 +541,23 @@ def _check_keep_masks(keep_masks, visual: list, device) -> list:
         if mask.numel() != sum(per_image):
             raise ValueError(f"row {b}: keep mask has {mask.numel()} entries, the row has {sum(per_image)} visual tokens")
         out.append(mask)
+    return out
+
+
+def _sample_grids(inputs: ModelInputs, visual: list, merge: int) -> list:
+    """Per sample, per image: (merged grid height, width, index of its first token in the sample)."""
+    if inputs.image_grid_thw is None:
+        return [[] for _ in visual]
+    thw = inputs.image_grid_thw.tolist()
+    out, k = [], 0
+    for per_image in visual:
+        mine, first = [], 0
+        for count in per_image:
+            t, h, w = thw[k]
+            mine.append((t * h // merge, w // merge, first))
+            first += count
+            k += 1
+        out.append(mine)
     return out
 
 

@@ -209,7 +209,9 @@ class ContinuousScheduler:
         t0 = _now(engine.device)
         if self._prune and inputs.pixel_values is not None:
             rules = [r.keep_rule for r in requests]
-            rows = self.core.glimpse_stage(inputs, engine.rule, rules=rules if any(r is not None for r in rules) else None)
+            seeds = [r.prune_seed for r in requests]
+            rows = self.core.prune_stage(inputs, engine.rule, rules=rules if any(r is not None for r in rules) else None,
+                                         seeds=seeds if any(x is not None for x in seeds) else None)
         else:  # every layer at full length, nothing dropped
             visual = self.core.visual_tokens(inputs)
             masks = [torch.ones(sum(v), dtype=torch.bool, device=engine.device) for v in visual]
