@@ -1,4 +1,4 @@
-"""`python -m pipeline run JOB.yaml [--set dotted.key=value ...] [--dry-run]`: validate, then run a job.
+"""`python -m pipeline run JOB.yaml [--profile NAME] [--set dotted.key=value ...] [--dry-run]`: validate, then run a job.
 
 Exit codes:
   0    all done (every shard committed and complete)
@@ -27,9 +27,13 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job file")
     run.add_argument("job", help="path to a job YAML (e.g. jobs/demo.yaml)")
+    run.add_argument("--profile", dest="profiles", action="append", default=[], metavar="NAME",
+                     help="apply settings for a kind of machine over the job file, before --set, e.g. --profile local "
+                          "(a CPU-only machine with the small model the repo ships; jobs/profiles/NAME.yaml or a path)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a job field, e.g. --set input.uri=s3://bucket/shards/ (repeatable)")
-    run.add_argument("--dry-run", action="store_true", help="validate, list the shards and plan, run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate, size the model actors, list the shards and plan, run nothing")
     run.add_argument("--log-file", help="where the full log (with tracebacks) goes (default: a new file in $TMPDIR)")
     args = ap.parse_args(argv)
     log_path = setup_logging(args.log_file)
@@ -37,7 +41,7 @@ def main(argv=None) -> int:
     from pipeline.jobfile import JobFileError, load_job
 
     try:
-        job = load_job(args.job, args.overrides)
+        job = load_job(args.job, args.overrides, args.profiles)
     except JobFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -45,13 +49,16 @@ def main(argv=None) -> int:
 
 
 def run_command(job, dry_run: bool, log_path: str) -> int:
-    from pipeline.run import CouldNotStart, Interrupted, RunRefused, make_plan, run_job
+    from pipeline.run import CouldNotStart, Interrupted, RunRefused, describe_resources, make_plan, run_job
     from pipeline.storage import StorageError
 
     started = False
     try:
         if dry_run:
-            print(json.dumps(make_plan(job).describe(), indent=2))
+            # Resources first: sized on this machine (a local Ray is not started) or on the connected
+            # cluster; a request that can never run fails here as it would in the run.
+            resources = describe_resources(job)
+            print(json.dumps({**make_plan(job).describe(), "resources": resources}, indent=2))
             return EXIT_OK
         started = True
         summary = run_job(job)

@@ -5,6 +5,10 @@ This is the first thing a run does and the only place a bad configuration is rep
 cross-field rule) becomes a `JobFileError` whose str is ONE line naming the file and the dotted key,
 e.g. ``jobs/x.yaml: model.bsae: unknown key (did you mean 'base'?)``. Nothing here touches storage or
 Ray, so a malformed job fails before any work starts.
+
+Layers, each over the one before: the job file, then `--profile` files (`profiles/NAME.yaml` next to the
+job file or the shipped `jobs/profiles/NAME.yaml`: settings for a kind of machine, e.g. `local`), then
+`--set` overrides.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.job import FieldRuleError, JobSpec
 
 _KEY_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SHIPPED_PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "profiles")
 _MAX_SHOWN = 60
 
 
@@ -31,16 +36,21 @@ class JobFileError(ValueError):
         super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
 
 
-def load_job(path: str | os.PathLike, overrides: Iterable[str] = ()) -> JobSpec:
-    """Read, override and validate a job file; raise `JobFileError` (one line) on any problem."""
+def load_job(path: str | os.PathLike, overrides: Iterable[str] = (), profiles: Iterable[str] = ()) -> JobSpec:
+    """Read a job file, apply profiles and overrides, validate; raise `JobFileError` (one line) on any problem."""
     shown = os.fspath(path)
     data = _read_yaml(shown)
+    profiled: list[str] = []
+    for name in profiles:
+        for key, value in _profile_settings(shown, name):
+            _set_dotted(shown, data, key, value)
+            profiled.append(key)
     overridden: list[str] = []
     for item in overrides:
         key, value = parse_override(shown, item)
         _set_dotted(shown, data, key, value)
         overridden.append(key)
-    _drop_other_strategy_keys(data, overridden)
+    _drop_other_strategy_keys(data, profiled + overridden)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -95,7 +105,33 @@ def _read_yaml(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Overrides
+# Profiles and overrides
+
+
+def profile_path(job_path: str, name: str) -> str:
+    """A profile NAME -> `profiles/NAME.yaml` next to the job file, else the shipped one; a path as given."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return name
+    for folder in (os.path.join(os.path.dirname(job_path), "profiles"), SHIPPED_PROFILES):
+        candidate = os.path.join(folder, f"{name}.yaml")
+        if os.path.isfile(candidate):
+            return candidate
+    shipped = sorted(n[:-5] for n in os.listdir(SHIPPED_PROFILES) if n.endswith(".yaml")) if os.path.isdir(SHIPPED_PROFILES) else []
+    raise JobFileError(job_path, f"--profile {name}: no such profile (profiles/{name}.yaml next to the job file or "
+                       f"in jobs/profiles/; shipped: {', '.join(shipped) or 'none'})")
+
+
+def _profile_settings(job_path: str, name: str) -> list[tuple[str, Any]]:
+    """The profile's settings as (dotted key, value) pairs, leaves only (a profile's section adds to the
+    job file's section instead of replacing it)."""
+    def leaves(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return list(leaves(_read_yaml(profile_path(job_path, name)), ""))
 
 
 def parse_override(path: str, item: str) -> tuple[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,8 @@ from typing import Any, Optional
 from pipeline import shards, state, storage, writer
 from pipeline.images import ImageStageConfig
 from pipeline.progress import Progress
+from pipeline.resources import READ_TASK_CPUS, WRITE_TASK_CPUS, ActorResources, Cluster, ResourceError
+from pipeline.resources import cluster_from_ray_nodes, local_machine, resolve
 from pipeline.stages import ReadContext, read_stage, write_stage
 from schemas.job import JobSpec, redact_url
 from schemas.rows import settings_values
@@ -216,6 +219,12 @@ def _unit(sp: ShardPlan, group: list, first: int, wanted: list) -> dict:
 # Ray
 
 
+def joins_a_cluster(job: JobSpec) -> bool:
+    """Whether the run joins a running Ray cluster (resources.ray_address, or RAY_ADDRESS, which `ray job
+    submit` sets for the driver) instead of starting a local one."""
+    return bool(job.resources.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def start_ray(job: JobSpec) -> None:
     import ray
 
@@ -224,11 +233,40 @@ def start_ray(job: JobSpec) -> None:
     res = job.resources
     # Worker output stays in Ray's log files (path logged below), not on the user's terminal: the
     # run's own progress line and one-line errors are what the user reads.
-    if res.ray_address or os.environ.get("RAY_ADDRESS"):
+    if joins_a_cluster(job):
         ray.init(address=res.ray_address, log_to_driver=False)
     else:
         ray.init(num_cpus=res.ray_num_cpus, include_dashboard=False, log_to_driver=False)
     log.info("Ray worker logs: %s", _ray_log_dir())
+
+
+def known_cluster(job: JobSpec) -> Optional[Cluster]:
+    """The nodes the model actors will run on, as far as they are known without starting or joining Ray:
+    the connected Ray's, else this machine when the run would start a local Ray; None for a cluster the
+    run will join (known once joined). Imports nothing: Ray is connected only if already imported."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return cluster_from_ray_nodes(ray.nodes())
+    return None if joins_a_cluster(job) else local_machine(job.resources.ray_num_cpus)
+
+
+def actor_resources(job: JobSpec, cluster: Cluster) -> ActorResources:
+    """`resources` resolved on `cluster`; CouldNotStart (one line) if the cluster can never run them."""
+    try:
+        return resolve(job.resources, job.model.device, cluster)
+    except ResourceError as exc:
+        raise CouldNotStart(str(exc)) from None
+
+
+def describe_resources(job: JobSpec) -> dict:
+    """The dry run's view of the model actors: resolved on `known_cluster`, or what the job asks for."""
+    cluster = known_cluster(job)
+    if cluster is None:
+        asked = {k: getattr(job.resources, k) for k in ("min_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor")}
+        address = job.resources.ray_address or os.environ.get("RAY_ADDRESS")
+        return {**asked, "resolved_against": f"not resolved: the run joins the Ray cluster at {redact_url(address)} "
+                "and resolves and checks these there before any work"}
+    return {**actor_resources(job, cluster).describe(), "resolved_against": cluster.describe()}
 
 
 def _ray_log_dir() -> str:
@@ -250,8 +288,8 @@ def credential_env(job: JobSpec) -> dict:
     return {n: os.environ[n] for n in sorted(names) if os.environ.get(n)}
 
 
-def build_dataset(job: JobSpec, plan: Plan, run_id: str):
-    """The Ray Data plan (lazy): read -> image stage -> model -> staged parts."""
+def build_dataset(job: JobSpec, plan: Plan, run_id: str, actors: ActorResources):
+    """The Ray Data plan (lazy): read -> image stage -> model (`actors` sizes its pool) -> staged parts."""
     import ray
 
     from workers.generate import GlimpseUDF
@@ -266,15 +304,15 @@ def build_dataset(job: JobSpec, plan: Plan, run_id: str):
     # The memory reservation (besides sizing decode tasks) keeps Ray from fusing the read stage into
     # the model actors: fused, image decoding would run serially with the model.
     ds = ds.map_batches(read_stage, fn_kwargs={"context": read}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=0.5, memory=READ_TASK_MEMORY)
+                        num_cpus=READ_TASK_CPUS, memory=READ_TASK_MEMORY)
     ds = ds.map_batches(
         GlimpseUDF, fn_constructor_kwargs={"job": job, "env": env}, batch_format="pyarrow", batch_size=block_rows,
-        compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
                                            max_tasks_in_flight_per_actor=r.blocks_ahead_per_actor),
-        num_gpus=r.num_gpus_per_actor, num_cpus=r.num_cpus_per_actor,
+        num_gpus=actors.num_gpus, num_cpus=actors.num_cpus,
     )
     return ds.map_batches(write_stage, fn_kwargs={"context": parts, "env": env}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=0.25)
+                          batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,6 +414,15 @@ def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
         log.error("shard %s failed: %s", redact_url(url), reason)
     for key, reason in plan.redo.items():
         log.warning("shard %s is redone: %s", key, reason)
+    actors = None
+    if any(sp.pending for sp in plan.todo):
+        # Ray up and the actors sized before anything is written: a request the cluster can never
+        # satisfy (a GPU on CPUs, actors that leave no CPU for reads) fails here, not after a silent hang.
+        start_ray(job)
+        cluster = known_cluster(job)
+        actors = actor_resources(job, cluster)
+        log.info("model actors: %d-%d, each %g CPU and %g GPU (%s)", actors.min_actors, actors.max_actors,
+                 actors.num_cpus, actors.num_gpus, cluster.describe())
     try:
         lease = state.Lease(job.output).acquire()
     except state.OutputBusy as exc:
@@ -391,7 +438,7 @@ def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
     try:
         state.write_run_marker(job.output, marker)
         _finish_earlier_commits(job)
-        interrupted = _execute(job, plan, lease.run_id, committer, tally, progress)
+        interrupted = _execute(job, plan, actors, lease.run_id, committer, tally, progress)
         commits = committer.results()
         summary = _summary(job, plan, commits, tally, progress, time.perf_counter() - start, interrupted)
         if interrupted:
@@ -403,19 +450,20 @@ def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
         lease.release()
 
 
-def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tally: _Tally, progress: Progress) -> bool:
-    """Stream the rows through Ray Data, committing shards as they complete. True if interrupted."""
+def _execute(job: JobSpec, plan: Plan, actors: Optional[ActorResources], run_id: str, committer: "_Committer",
+             tally: _Tally, progress: Progress) -> bool:
+    """Stream the rows through Ray Data (Ray started, `actors` resolved: None only when nothing is pending),
+    committing shards as they complete. True if interrupted."""
     remaining = {sp.info.key: sp for sp in plan.todo}
     for sp in [sp for sp in plan.todo if sp.pending == 0]:
         committer.submit(remaining.pop(sp.info.key))
     if not remaining:
         return False
     try:
-        start_ray(job)
-        _configure_ray_data(job)
+        _configure_ray_data(job, actors)
         # prefetch_batches=0: with the default prefetch, a block reaches the driver only when the next
         # one arrives (one block of lag on every commit and on the progress line).
-        for stats in build_dataset(job, plan, run_id).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for stats in build_dataset(job, plan, run_id, actors).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for row in stats.to_pylist():
                 tally.add(row)
                 progress.add(row["rows"], row["errors"])
@@ -432,10 +480,9 @@ def _execute(job: JobSpec, plan: Plan, run_id: str, committer: "_Committer", tal
         if _chain_has(exc, "ActorDiedError", "creation task"):  # the actors' constructor raised
             raise CouldNotStart(f"the model stage could not start: {root_cause(exc)}") from exc
         if _chain_has(exc, "GetTimeoutError", "starting actors"):  # wait_for_min_actors_s ran out
-            r = job.resources
             raise CouldNotStart(
-                f"the model actors did not start within resources.actor_start_timeout_s={r.actor_start_timeout_s} s "
-                f"(each asks for {r.num_cpus_per_actor:g} CPU and {r.num_gpus_per_actor:g} GPU; the cluster has "
+                f"the model actors did not start within resources.actor_start_timeout_s={job.resources.actor_start_timeout_s} s "
+                f"(each asks for {actors.num_cpus:g} CPU and {actors.num_gpus:g} GPU; the cluster has "
                 f"{_cluster_resources()})") from exc
         raise
     return False
@@ -485,7 +532,7 @@ def _finish_earlier_commits(job: JobSpec) -> None:
             storage.remove(storage.join_url(out.uri, name), out.storage)
 
 
-def _configure_ray_data(job: JobSpec) -> None:
+def _configure_ray_data(job: JobSpec, actors: ActorResources) -> None:
     """Our own progress line instead of Ray's, and an object-store budget that bounds the data in
     flight (a few blocks per model actor) so memory stays flat in the number of rows: without it the
     read stage runs ahead of the model until a fixed share of the whole store is full."""
@@ -499,7 +546,7 @@ def _configure_ray_data(job: JobSpec) -> None:
     # that cannot start (no GPU, model load hangs) fails after the timeout instead of waiting forever.
     ctx.wait_for_min_actors_s = job.resources.actor_start_timeout_s
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=in_flight_budget(job))
+        object_store_memory=in_flight_budget(job, actors.max_actors))
 
 
 def _quiet_ray_data_console() -> None:
@@ -512,11 +559,11 @@ def _quiet_ray_data_console() -> None:
             handler.setLevel(logging.CRITICAL)
 
 
-def in_flight_budget(job: JobSpec) -> int:
+def in_flight_budget(job: JobSpec, max_actors: int) -> int:
     """Bytes: 4 blocks per model actor of one-image rows at the largest decoded size, at least 64 MiB
     (a soft budget: Ray Data still runs one task per stage when a block is larger)."""
     per_row = job.image.max_pixels * 3
-    return max(64 * 1024**2, 4 * job.resources.max_actors * _block_rows(job) * per_row)
+    return max(64 * 1024**2, 4 * max_actors * _block_rows(job) * per_row)
 
 
 def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[str, Any]:

@@ -344,18 +344,31 @@ class BatchingSpec(StrictModel):
 
 
 class ResourcesSpec(StrictModel):
-    """Ray cluster and actor-pool sizing."""
+    """Ray cluster and actor-pool sizing. `auto` is resolved against the cluster's nodes when the run starts
+    (`pipeline.resources`); a request the cluster can never satisfy fails there in one line, before any work."""
 
-    min_actors: int = Field(1, ge=1, le=10_000, description="Minimum model actors in the pool.")
-    max_actors: int = Field(1, ge=1, le=10_000, description="Maximum model actors in the pool.")
-    num_gpus_per_actor: float = Field(
-        0.0, ge=0.0, le=16.0, description="GPUs per model actor (fractional allowed); 0 = CPU actors."
+    min_actors: int = Field(1, ge=1, le=10_000, description="Minimum model actors in the pool (the run waits for them).")
+    max_actors: Union[Annotated[int, Field(ge=1, le=10_000)], Literal["auto"]] = Field(
+        "auto",
+        description="Maximum model actors in the pool (1-10000); auto = one per GPU on a cluster with GPUs "
+        "(as many as its GPUs hold), 1 on CPUs; never below min_actors.",
     )
-    num_cpus_per_actor: float = Field(
-        1.0, gt=0.0, le=1_024.0, description="Logical CPUs per model actor (fractional allowed)."
+    num_gpus_per_actor: Union[Annotated[float, Field(ge=0.0, le=16.0)], Literal["auto"]] = Field(
+        "auto",
+        description="GPUs per model actor (0-16, fractional allowed; 0 = CPU actors); auto = 1 if the cluster "
+        "has a GPU and model.device is not 'cpu', else 0.",
+    )
+    num_cpus_per_actor: Union[Annotated[float, Field(gt=0.0, le=1_024.0)], Literal["auto"]] = Field(
+        "auto",
+        description="Logical CPUs per model actor (0-1024, fractional allowed); auto = 1 for GPU actors, else "
+        "the cluster's whole CPUs minus one, shared by the actors, so the read/write tasks always have a CPU "
+        "(a fraction of a CPU each on a cluster under 2 CPUs).",
     )
     ray_address: Optional[NonEmptyStr] = Field(
-        None, description="Ray cluster to join ('auto', 'host:port', 'ray://host:port'); None = start a local one."
+        None,
+        description="Ray cluster to join ('host:port', 'ray://host:port'; 'auto' = whatever cluster runs on this "
+        "machine, possibly another user's); None = start a local one, or join RAY_ADDRESS when that is set "
+        "(`ray job submit` sets it for the driver).",
     )
     ray_num_cpus: Optional[int] = Field(
         None, ge=1, le=4_096, description="Logical CPUs of a local cluster (only when ray_address is None)."
@@ -371,9 +384,16 @@ class ResourcesSpec(StrictModel):
         "included) before it fails with one line; reads start once they are up.",
     )
 
+    @field_validator("max_actors", "num_gpus_per_actor", "num_cpus_per_actor", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if isinstance(value, bool) or (isinstance(value, str) and value != "auto"):
+            raise ValueError(f"expected a number or 'auto', got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _sizes(self) -> "ResourcesSpec":
-        if self.min_actors > self.max_actors:
+        if self.max_actors != "auto" and self.min_actors > self.max_actors:
             raise FieldRuleError(
                 "max_actors", f"must be >= min_actors (got max_actors={self.max_actors}, min_actors={self.min_actors})"
             )
