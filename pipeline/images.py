@@ -43,7 +43,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import storage
-from schemas.job import IMAGE_FACTOR, ImageSpec, InputColumns, JobSpec, StorageOptions, redact_url
+from schemas.job import IMAGE_FACTOR, KEEP_RATIO_MODES, ImageSpec, InputColumns, JobSpec, StorageOptions, redact_url
 from schemas.rows import (
     IMAGE_TOKENS_COLUMN,
     IMAGES_COLUMN,
@@ -380,7 +380,7 @@ def row_pruning_value(value, mode: str, column: str) -> tuple[Optional[float], O
         number = float(value)
     except (TypeError, ValueError):
         return None, f"input column {column!r}: {str(value)[:40]!r} is not a number"
-    if mode == "fixed_ratio":
+    if mode in KEEP_RATIO_MODES:
         if not 0.0 < number <= 1.0:
             return None, f"input column {column!r}: keep ratio {number} is outside (0, 1]"
     elif not 0.0 < number < 1.0:

@@ -110,7 +110,7 @@ def check_model_paths(job: JobSpec) -> None:
     """Local model directories that are missing or hold no model fail here, in one line, instead of
     in every actor after Ray has started (hub ids and object-store URLs are resolved by the actors)."""
     wanted = [("model.base", job.model.base)]
-    if job.pruning.mode != "none" and job.model.glimpse_modules:
+    if job.pruning.mode in ("glimpse", "fixed_ratio") and job.model.glimpse_modules:
         wanted.append(("model.glimpse_modules", job.model.glimpse_modules))
     for name, value in wanted:
         if "://" in value:

@@ -161,7 +161,8 @@ class InputColumns(StrictModel):
     pruning: Optional[NonEmptyStr] = Field(
         None,
         description="Optional column holding a row's own pruning setting, overriding the job's for that row: its "
-        "threshold (pruning.mode glimpse, in (0, 1)) or its keep ratio (fixed_ratio, in (0, 1]); null = the job's.",
+        "threshold (pruning.mode glimpse, in (0, 1)) or its keep ratio (fixed_ratio and the other strategies, in (0, 1]); "
+        "null = the job's.",
     )
 
     @model_validator(mode="after")
@@ -263,7 +264,96 @@ class FixedRatioPruning(StrictModel):
     keep_ratio: float = Field(gt=0.0, le=1.0, description="Fraction of visual tokens kept per row, (0, 1].")
 
 
-PruningSpec = Annotated[Union[NoPruning, GlimpsePruning, FixedRatioPruning], Field(discriminator="mode")]
+def _keep_ratio_field():
+    return Field(gt=0.0, le=1.0, description="Fraction of visual tokens kept per row, (0, 1]: exactly max(1, int(keep_ratio * N)) "
+                 "over all of a row's images (11.1% = 64 of LLaVA's 576).")
+
+
+def _layer_field(default: int, what: str):
+    return Field(default, ge=0, le=1_000, description=f"Decoder layer (0-based) after which {what} prunes; must be below the "
+                 "model's layer count.")
+
+
+class _StrategyPruning(StrictModel):
+    """Fields every pruning strategy other than GlimpsePrune takes."""
+
+    keep_ratio: float = _keep_ratio_field()
+    positions: Literal["original", "contiguous"] = Field(
+        "original", description="Positions of the kept tokens after pruning: original (their M-RoPE positions) or "
+        "contiguous (re-indexed 0..n-1 in the row, as FastV/PDrop do on LLaVA).")
+
+
+class RandomPruning(_StrategyPruning):
+    """Keep a random subset of each row's visual tokens, before the LLM (the zero-overhead reference)."""
+
+    mode: Literal["random"] = Field("random", description="Strategy tag.")
+    seed: int = Field(0, ge=0, description="Seed; each row draws from (seed, its shard and row), never from its batch.")
+
+
+class UniformPruning(_StrategyPruning):
+    """Keep a regular lattice of each image's token grid, before the LLM (uniform spatial downsampling)."""
+
+    mode: Literal["uniform"] = Field("uniform", description="Strategy tag.")
+
+
+class FastVPruning(_StrategyPruning):
+    """FastV: keep the visual tokens the last prompt token attends to most at one decoder layer."""
+
+    mode: Literal["fastv"] = Field("fastv", description="Strategy tag.")
+    layer: int = _layer_field(1, "FastV")
+
+
+class PDropPruning(_StrategyPruning):
+    """PyramidDrop: FastV's score at several layers, keeping a geometric schedule that ends at keep_ratio."""
+
+    mode: Literal["pdrop"] = Field("pdrop", description="Strategy tag.")
+    stage_fractions: list[float] = Field(
+        [0.25, 0.5, 0.75], min_length=1, max_length=16,
+        description="Ends of the stages as fractions of the model's depth, ascending in (0, 1] (the paper's 8/16/24 of 32).",
+    )
+
+    @field_validator("stage_fractions")
+    @classmethod
+    def _ascending(cls, f: list) -> list:
+        if any(not 0.0 < x <= 1.0 for x in f) or any(b <= a for a, b in zip(f, f[1:])):
+            raise ValueError(f"must be ascending values in (0, 1], got {f}")
+        return f
+
+
+class DivPrunePruning(_StrategyPruning):
+    """DivPrune: keep a maximally diverse subset (greedy max-min cosine distance) before the LLM."""
+
+    mode: Literal["divprune"] = Field("divprune", description="Strategy tag.")
+
+
+class DartPruning(_StrategyPruning):
+    """DART: keep pivot tokens (largest key norm) and the tokens least similar to them, at one decoder layer."""
+
+    mode: Literal["dart"] = Field("dart", description="Strategy tag.")
+    layer: int = _layer_field(1, "DART")
+    pivots: int = Field(8, ge=1, le=4_096, description="Pivot tokens per row.")
+
+
+class VisionZipPruning(_StrategyPruning):
+    """VisionZip: keep the tokens the vision tower attends to most, merge the rest into a few contextual tokens."""
+
+    mode: Literal["visionzip"] = Field("visionzip", description="Strategy tag.")
+    contextual: float = Field(10 / 64, ge=0.0, lt=1.0, description="Share of the kept tokens that are contextual (merged) "
+                              "tokens, [0, 1); the paper's 10 of 64 by default; 0 = dominant tokens only.")
+    vit_layer: int = Field(-1, ge=-1, le=1_000, description="Vision block whose attention ranks the tokens (0-based); -1 = "
+                           "the tower's last full-attention block.")
+
+
+# Modes whose budget is a keep ratio and that need no glimpse modules (workers.modeling.strategies).
+STRATEGY_MODES = ("random", "uniform", "fastv", "pdrop", "divprune", "dart", "visionzip")
+# Modes whose per-row pruning value is a keep ratio (else a threshold).
+KEEP_RATIO_MODES = ("fixed_ratio",) + STRATEGY_MODES
+
+PruningSpec = Annotated[
+    Union[NoPruning, GlimpsePruning, FixedRatioPruning, RandomPruning, UniformPruning, FastVPruning, PDropPruning,
+          DivPrunePruning, DartPruning, VisionZipPruning],
+    Field(discriminator="mode"),
+]
 
 
 class SamplingSpec(StrictModel):
@@ -438,7 +528,7 @@ class JobSpec(StrictModel):
                 f"{self.batching.max_decode_tokens} must exceed sampling.max_new_tokens {self.sampling.max_new_tokens}",
             )
         if self.input.columns.pruning and self.pruning.mode == "none":
-            raise FieldRuleError("input.columns.pruning", "a per-row pruning column needs pruning.mode glimpse or fixed_ratio")
+            raise FieldRuleError("input.columns.pruning", "a per-row pruning column needs a pruning mode other than none")
         if self.model.device == "cuda" and self.resources.num_gpus_per_actor == 0:
             raise FieldRuleError("resources.num_gpus_per_actor", "must be > 0 when model.device is 'cuda'")
         if self.model.device == "cpu" and self.model.attn_implementation == "flash_attention_2":

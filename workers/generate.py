@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.job import JobSpec
+from schemas.job import KEEP_RATIO_MODES, STRATEGY_MODES, JobSpec
 from schemas.rows import IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, PRUNE_COLUMN, ROW_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
 from workers.batching import pack_by_budget, padding_fraction
 
@@ -46,9 +46,23 @@ def keep_rule_for(job: JobSpec):
     p = job.pruning
     if p.mode == "none":
         return None
-    if p.mode == "fixed_ratio":
+    if p.mode in KEEP_RATIO_MODES:
         return KeepRule(fixed_remain_ratio=p.keep_ratio)
     return KeepRule(threshold=p.threshold, max_remain_ratio=p.max_remain_ratio, min_remain_num=p.min_remain_num)
+
+
+def strategy_for(job: JobSpec):
+    """The job's pruning strategy other than GlimpsePrune (`workers.modeling.strategies`), or None."""
+    from workers.modeling.strategies import make_strategy
+
+    p = job.pruning
+    if p.mode not in STRATEGY_MODES:
+        return None
+    params = p.model_dump(exclude={"mode", "keep_ratio", "positions"})
+    params["reindex"] = p.positions == "contiguous"
+    if "stage_fractions" in params:
+        params["fractions"] = tuple(params.pop("stage_fractions"))
+    return make_strategy(p.mode, **params)
 
 
 class GlimpseUDF:
@@ -68,14 +82,16 @@ class GlimpseUDF:
 
         self.job = job
         rule = keep_rule_for(job)
+        strategy = strategy_for(job)
         m = job.model
         self.engine = load_engine(
-            m.base, m.glimpse_modules if rule is not None else None, rule=rule, dtype=m.dtype,
-            attn_implementation=m.attn_implementation, device=m.device,
+            m.base, m.glimpse_modules if rule is not None and strategy is None else None, rule=rule, strategy=strategy,
+            dtype=m.dtype, attn_implementation=m.attn_implementation, device=m.device,
             storage_options=_storage_options(job),
         )
         if rule is not None and not self.engine.prunes:
-            raise ValueError("pruning.mode needs model.glimpse_modules")
+            raise ValueError(f"pruning.mode {job.pruning.mode} needs model.glimpse_modules")
+        self.engine.prune_layers()  # a strategy layer beyond the model's depth fails here, in one line
         _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
         s = job.sampling
         self.sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
@@ -127,10 +143,16 @@ class GlimpseUDF:
 
     def _assemble(self, batch, rows, out) -> pa.Table:
         if self.engine.prunes:
-            layers, k = len(self.engine.core.lm.layers), self.engine.modules.config.reduce_layer
+            layers, stages = len(self.engine.core.lm.layers), self.engine.prune_layers()
+            strategy = self.engine.strategy
             for o in out:
                 if o.get("kept_tokens") is not None and o.get("prompt_tokens"):
-                    o["prefill_work_ratio"] = prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"], layers, k)
+                    if strategy is None:  # GlimpsePrune: one more token (the glimpse) up to its layer
+                        kept = [o["kept_tokens"]]
+                    else:
+                        kept = strategy.stage_budgets(o["visual_tokens"], o["kept_tokens"], layers)
+                    o["prefill_work_ratio"] = prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], kept, layers, stages,
+                                                                 extra=1 if strategy is None else 0)
         return _assemble(batch, rows, out)
 
     def _continuous(self, todo: list, requests: dict, out: list) -> None:
@@ -169,7 +191,7 @@ class GlimpseUDF:
         rule = with_row_value(self.engine.rule, own) if own is not None and self.engine.rule is not None else None
         return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN],
                                  visual_tokens=int(expected) if expected is not None and images else None,
-                                 seed=self._row_seed(row), keep_rule=rule)
+                                 seed=self._row_seed(row), keep_rule=rule, prune_seed=_prune_seed(row))
 
     def _row_seed(self, row: dict):
         """With a job seed, each row samples from its own seed (job seed, shard key, row number), so its
@@ -210,10 +232,27 @@ class GlimpseUDF:
             out[i] = _model_values(res, pad_fraction_value)
 
 
-def prefill_work_ratio(prompt: int, visual: int, kept: int, layers: int, k: int) -> float:
-    """Decoder prefill token-layers pruned / unpruned for one row (schemas.rows: prefill_work_ratio)."""
-    text = prompt - visual
-    return ((k + 1) * (prompt + 1) + (layers - k - 1) * (text + kept)) / (layers * prompt)
+def _prune_seed(row: dict):
+    """A row's seed for a strategy's random choices: its shard and row number (so not its batch)."""
+    if row.get(KEY_COLUMN) is None:
+        return None
+    return zlib.crc32(f"{row[KEY_COLUMN]}:{row.get(ROW_COLUMN)}".encode())
+
+
+def prefill_work_ratio(prompt: int, visual: int, kept, layers: int, k, extra: int = 1) -> float:
+    """Decoder prefill token-layers pruned / unpruned for one row (schemas.rows: prefill_work_ratio).
+
+    k: the pruning layer, or the layers of several stages (ascending, -1 = before the LLM); kept: the
+    visual tokens left after it (or after each stage); extra: tokens added up to the first pruning
+    layer (1: GlimpsePrune's glimpse). One stage gives ((K+1)(T+N+extra) + (L-K-1)(T+kept)) / (L(T+N))."""
+    stages = [k] if isinstance(k, int) else list(k)
+    kept = [kept] if isinstance(kept, int) else list(kept)
+    text, work, start, width = prompt - visual, 0, 0, prompt + extra
+    for layer, left in zip(stages, kept):
+        work += (layer + 1 - start) * width
+        start, width = layer + 1, text + left
+    work += (layers - start) * width
+    return work / (layers * prompt)
 
 
 def _fatal(exc: Exception) -> bool:

@@ -44,3 +44,23 @@ def test_demo_job_answers_easy_rows_correctly_with_pruning(tmp_path, ray_runtime
     assert sum(want == got for _, want, got in answers) >= 14, answers
     keep = [r["keep_ratio"] for r in rows]
     assert max(keep) < 1.0 and sum(keep) / len(keep) < 0.5, keep
+
+
+@pytest.mark.skipif(not (BASE / "model.safetensors").exists(), reason="the shipped model is missing")
+def test_vqa_job_with_another_pruning_strategy_says_which_and_keeps_its_budget(tmp_path, ray_runtime):
+    """`jobs/vqa.yaml --profile local --set pruning.mode=divprune --set pruning.keep_ratio=0.111` runs like
+    any job; each row says which strategy and budget produced it and keeps exactly that budget."""
+    import json
+
+    from workers.modeling.strategies import keep_count
+
+    write_shards(EASY, 8, tmp_path / "in", rows_per_shard=8)
+    job = load_job(REPO / "jobs" / "vqa.yaml", [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}",
+                                                "pruning.mode=divprune", "pruning.keep_ratio=0.111"], ["local"])
+    summary = run_job(job)
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))]).to_pylist()
+    assert len(rows) == 8 and summary["rows_ok"] == 8
+    for r in rows:
+        assert json.loads(r["pruning"]) == {"mode": "divprune", "keep_ratio": 0.111, "positions": "original"}
+        assert r["visual_tokens"] == 144 and r["kept_tokens"] == keep_count(144, 0.111) == 15
+        assert 0 < r["prefill_work_ratio"] < 1

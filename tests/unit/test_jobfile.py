@@ -90,16 +90,26 @@ def test_override_switches_pruning_strategy(tmp_path):
     assert isinstance(load_job(path, ["pruning.mode=none"]).pruning, NoPruning)
     fixed = load_job(path, ["pruning.mode=fixed_ratio", "pruning.keep_ratio=0.25"]).pruning
     assert fixed == FixedRatioPruning(keep_ratio=0.25)
+    other = load_job(path, ["pruning.mode=divprune", "pruning.keep_ratio=0.111"]).pruning
+    assert (other.mode, other.keep_ratio) == ("divprune", 0.111)  # the glimpse threshold is dropped with its mode
+    fastv = load_job(path, ["pruning.mode=fastv", "pruning.keep_ratio=0.2", "pruning.layer=3"]).pruning
+    assert (fastv.mode, fastv.layer) == ("fastv", 3)
 
 
 @pytest.mark.parametrize(
     "extra_yaml, expected",
     [
         ("pruning:\n  mode: foo\n",
-         "pruning.mode: unknown value 'foo' (expected one of none, glimpse, fixed_ratio)"),
-        ("pruning:\n  threshold: 0.4\n", "pruning.mode: field required (one of none, glimpse, fixed_ratio)"),
+         "pruning.mode: unknown value 'foo' (expected one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip)"),
+        ("pruning:\n  threshold: 0.4\n", "pruning.mode: field required (one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip)"),
         ("pruning:\n  mode: glimpse\n  treshold: 0.4\n", "pruning.treshold: unknown key (did you mean 'threshold'?)"),
         ("pruning:\n  mode: fixed_ratio\n  keep_ratio: 0\n", "pruning.keep_ratio: input should be greater than 0"),
+        ("pruning:\n  mode: fastv\n", "pruning.keep_ratio: field required"),
+        ("pruning:\n  mode: divprune\n  keep_ratio: 0.1\n  layer: 2\n", "pruning.layer: unknown key"),
+        ("pruning:\n  mode: pdrop\n  keep_ratio: 0.1\n  stage_fractions: [0.5, 0.25]\n",
+         "pruning.stage_fractions: must be ascending values in (0, 1], got [0.5, 0.25]"),
+        ("pruning:\n  mode: dart\n  keep_ratio: 0.1\n  pivots: 0\n", "pruning.pivots: input should be greater than or equal to 1"),
+        ("pruning:\n  mode: visionzip\n  keep_ratio: 0.1\n  contextual: 1\n", "pruning.contextual: input should be less than 1"),
         ("sampling:\n  max_new_tokens: lots\n", "sampling.max_new_tokens: input should be a valid integer"),
         ("model2: {}\n", "model2: unknown key (did you mean 'model'?)"),
         ("model:\n  base: x\n  dtype: fp8\n",

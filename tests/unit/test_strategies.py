@@ -1,6 +1,7 @@
 """Pruning strategies (workers/modeling/strategies.py) on the tiny model: the budget is exact, batched
 rows equal their batch-of-1 results, the kept sets equal slow obviously-correct references (FastV from
-full eager attention, DivPrune from a brute-force greedy, DART from explicit loops), keep-everything
+full eager attention, DivPrune from a brute-force greedy, DART from explicit loops, VisionZip's dominant
+tokens from the ViT's own attention probabilities and its merge from explicit loops), keep-everything
 equals the plain model, and every strategy runs through the continuous scheduler."""
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.scheduler import ContinuousScheduler, SchedulerConfig
 from workers.modeling.strategies import (STRATEGIES, DartStrategy, DivPruneStrategy, FastVStrategy, PDropStrategy,
-                                         RandomStrategy, Signals, UniformStrategy, divprune_select, keep_count, lattice,
-                                         make_strategy)
+                                         RandomStrategy, Signals, UniformStrategy, VisionZipStrategy, divprune_select,
+                                         keep_count, lattice, make_strategy, visionzip_select)
 
 from engine_helpers import patterned_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = [RandomStrategy(seed=3), UniformStrategy(), FastVStrategy(layer=1), PDropStrategy(), DivPruneStrategy(),
-       DartStrategy(layer=1, pivots=3)]
+       DartStrategy(layer=1, pivots=3), VisionZipStrategy()]
 IDS = [s.name for s in ALL]
 
 
@@ -199,3 +200,139 @@ def test_make_strategy_validates():
         make_strategy("divprune", layer=2)
     with pytest.raises(ValueError, match="outside"):
         FastVStrategy(layer=99).stages(4)
+
+
+def _vit_received_reference(tiny_model, tiny_processor, req, block):
+    """Slow reference for VisionZip's dominant score: the ViT's own attention probabilities of one
+    block (captured from the model's forward through a registered eager attention function), column
+    sums per image / queries, mean over heads, summed over each merged token's 4 patches; the
+    window-order -> raster mapping is found by matching the merger's outputs to the tower's output."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    visual = tiny_model.model.visual
+    target = visual.blocks[block].attn
+    probs = []
+
+    def capture(module, query, key, value, attention_mask=None, scaling=None, **kwargs):
+        if module is target:
+            p = (torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling).softmax(dim=-1)  # [1, h, n, n]
+            probs.append(p[0].sum(dim=1).mean(dim=0) / p.shape[-1])  # [n]: received, mean over heads and queries
+        return sdpa_attention_forward(module, query, key, value, attention_mask=attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("vz_capture", capture)
+    inputs = GlimpseEngine(tiny_model, tiny_processor).build_inputs([req])
+    outs = {}
+    hook = visual.blocks[-1].register_forward_hook(lambda _m, _a, out: outs.__setitem__("last", out))
+    before = visual.config._attn_implementation
+    visual.config._attn_implementation = "vz_capture"
+    try:
+        with torch.no_grad():
+            pooled = visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw).pooler_output
+            window_merged = visual.merger(outs["last"])
+    finally:
+        visual.config._attn_implementation = before
+        hook.remove()
+    received = torch.cat(probs)  # window order, patches
+    unit = visual.spatial_merge_size ** 2
+    per_unit = received.view(-1, unit).sum(dim=1)
+    order = [int(torch.cdist(pooled[r:r + 1], window_merged).argmin()) for r in range(pooled.shape[0])]
+    assert sorted(order) == list(range(pooled.shape[0]))  # a true permutation
+    return per_unit[order]
+
+
+def test_visionzip_dominant_tokens_are_the_top_k_of_the_vits_own_attention(tiny_model, tiny_processor):
+    layers = tiny_model.model.visual.config.fullatt_block_indexes
+    for vit_layer, block in ((-1, max(layers)), (1, 1)):
+        engine = engine_for(tiny_model, tiny_processor, VisionZipStrategy(contextual=0.0, vit_layer=vit_layer), ratio=0.3)
+        for req in requests(4):
+            res = engine.generate([req], SamplingParams(max_new_tokens=1), return_masks=True)[0]
+            ref = _vit_received_reference(tiny_model, tiny_processor, req, block)
+            expected = torch.zeros_like(res.keep_mask)
+            expected[torch.topk(ref, res.kept_tokens).indices] = True
+            assert torch.equal(res.keep_mask, expected)
+
+
+def test_visionzip_merges_the_rest_into_their_most_similar_contextual_token():
+    gen = torch.Generator().manual_seed(2)
+    n, k_dom, k_ctx = 14, 3, 3
+    scores, keys, embeds = torch.rand(n, generator=gen), torch.randn(n, 5, generator=gen), torch.randn(n, 4, generator=gen)
+    mask, merged = visionzip_select(scores, keys, embeds, k_dom, k_ctx)
+    dominant = sorted(range(n), key=lambda i: -float(scores[i]))[:k_dom]
+    rest = [i for i in range(n) if i not in dominant]
+    targets = [rest[int(j * len(rest) / k_ctx)] for j in range(k_ctx)]
+    assert set(mask.nonzero().flatten().tolist()) == set(dominant) | set(targets)
+    groups = {t: [t] for t in targets}
+    cos = lambda i, j: float(torch.nn.functional.cosine_similarity(keys[i], keys[j], dim=0))  # noqa: E731
+    for i in rest:
+        if i not in targets:
+            groups[max(targets, key=lambda t: cos(i, t))].append(i)
+    expected = {i: embeds[i] for i in dominant}
+    expected.update({t: torch.stack([embeds[i] for i in members]).mean(dim=0) for t, members in groups.items()})
+    for row, i in enumerate(sorted(expected)):
+        assert torch.allclose(merged[row], expected[i], atol=1e-6)
+    assert VisionZipStrategy().split(64) == (54, 10) and VisionZipStrategy().split(1) == (1, 0)
+
+
+@pytest.mark.parametrize("strategy", [FastVStrategy(layer=1, reindex=True), PDropStrategy(reindex=True),
+                                      DivPruneStrategy(reindex=True)], ids=["fastv", "pdrop", "divprune"])
+def test_contiguous_positions_keeping_everything_equal_the_plain_model(tiny_model, tiny_processor, strategy):
+    reqs = requests(3)
+    plain = GlimpseEngine(tiny_model, tiny_processor).generate(reqs, SamplingParams(max_new_tokens=6))
+    full = engine_for(tiny_model, tiny_processor, strategy, ratio=1.0).generate(reqs, SamplingParams(max_new_tokens=6))
+    assert [a.token_ids for a in plain] == [b.token_ids for b in full]
+
+
+def test_contiguous_positions_before_the_llm_equal_the_stock_model_on_the_kept_tokens(tiny_model, tiny_processor):
+    """Reference: the stock language model on exactly the kept embeddings with positions 0..n-1."""
+    engine = engine_for(tiny_model, tiny_processor, DivPruneStrategy(reindex=True), ratio=0.3)
+    original = engine_for(tiny_model, tiny_processor, DivPruneStrategy(), ratio=0.3)
+    for req in requests(3):
+        res = engine.generate([req], SamplingParams(max_new_tokens=1), return_masks=True)[0]
+        inputs = engine.build_inputs([req])
+        with torch.no_grad():
+            state = engine.core.prefill(inputs, engine.rule)
+            embeds, _ = engine.core.embed(inputs, ())
+            keep = inputs.attention_mask[0].bool().clone()
+            keep[inputs.input_ids[0] == tiny_model.config.image_token_id] = res.keep_mask
+            x = embeds[0][keep][None]
+            pos = torch.arange(x.shape[1])[None, None].expand(3, 1, -1)
+            hidden = tiny_model.model.language_model(inputs_embeds=x, position_ids=pos).last_hidden_state
+            ref = tiny_model.lm_head(hidden[:, -1])
+            moved = original.core.prefill(inputs, original.rule).logits
+        assert torch.allclose(state.logits, ref, atol=1e-5)
+        assert not torch.allclose(moved, ref, atol=1e-3)  # the original positions give other logits
+
+
+def test_contiguous_positions_after_layer_k_rotate_the_cached_keys_exactly(tiny_model, tiny_processor):
+    """The keys left in layers 0..K must be those the new positions give: the layer's own k_proj on its
+    input hidden states, rotated at 0..n-1 by the model's own rotary embedding."""
+    k_layer = 2
+    engine = engine_for(tiny_model, tiny_processor, FastVStrategy(layer=k_layer, reindex=True), ratio=0.3)
+    lm = tiny_model.model.language_model
+    req = requests(1)[0]
+    inputs = engine.build_inputs([req])
+    seen = {}
+    hooks = [lm.layers[i].register_forward_pre_hook(lambda _m, args, i=i: seen.setdefault(i, args[0]))
+             for i in range(k_layer + 1)]
+    try:
+        with torch.no_grad():
+            row = engine.core.prune_stage(inputs, engine.rule)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    keep = inputs.attention_mask[0].bool().clone()
+    keep[inputs.input_ids[0] == tiny_model.config.image_token_id] = row.keep_mask
+    n = int(keep.sum())
+    assert torch.equal(row.positions, torch.arange(n)[None].expand(3, -1))
+    pos = torch.arange(n)[None, None].expand(3, 1, -1)
+    with torch.no_grad():
+        for i in range(k_layer + 1):
+            layer = lm.layers[i]
+            h = seen[i][0][keep][None]
+            k = layer.self_attn.k_proj(layer.input_layernorm(h)).view(1, n, -1, layer.self_attn.head_dim).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, pos)
+            cos, sin = cos[:, None], sin[:, None]
+            x1, x2 = k.chunk(2, dim=-1)
+            expected = k * cos + torch.cat((-x2, x1), dim=-1) * sin
+            assert torch.allclose(row.keys[i], expected[0], atol=1e-5)

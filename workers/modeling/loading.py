@@ -212,12 +212,14 @@ def load_engine(
     glimpse_modules: Optional[str] = None,
     *,
     rule=None,
+    strategy=None,
     dtype: str = "auto",
     attn_implementation: str = "auto",
     device: str = "auto",
     storage_options: Optional[dict] = None,
 ):
-    """Build a `GlimpseEngine` from locations. A GlimpsePrune+ modules dir also merges its LoRA."""
+    """Build a `GlimpseEngine` from locations. A GlimpsePrune+ modules dir also merges its LoRA. strategy: a
+    `strategies.Strategy` pruning instead of the glimpse modules (rule then holds its keep ratio)."""
     from .engine import GlimpseEngine
 
     dev = pick_device(device)
@@ -230,4 +232,4 @@ def load_engine(
             count = merge_lora(model, modules_dir)
             log.info("merged GlimpsePrune+ LoRA adapter into %d layers", count)
         modules = GlimpseModules.from_directory(modules_dir).to(device=dev, dtype=torch_dtype)
-    return GlimpseEngine(model, processor, modules, rule)
+    return GlimpseEngine(model, processor, modules, rule, strategy=strategy)

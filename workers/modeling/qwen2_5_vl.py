@@ -36,6 +36,7 @@ Deliberate differences from the reference code (numerically equivalent unless st
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,6 +108,14 @@ class QwenGlimpseModel:
         self.impl = compat.attn_implementation(model)
         if modules is not None:
             self._check_modules(modules)
+        if strategy is not None:  # a layer or block beyond the model's depth fails here, not on the first batch
+            strategy.stages(len(self.lm.layers))
+            if "vit_attn" in strategy.needs:
+                self._vit_block(strategy)
+
+    def _vit_block(self, strategy) -> int:
+        full = list(getattr(self.visual, "fullatt_block_indexes", None) or ())
+        return strategy.vit_block(len(self.visual.blocks), full)
 
     def visual_tokens(self, inputs: ModelInputs) -> list:
         """Per sample, the visual-token count of each of its images."""
@@ -313,7 +322,13 @@ class QwenGlimpseModel:
         needs = strategy.needs
         if "embeds" in needs and stages != [-1]:
             raise ValueError(f"strategy {strategy.name!r} reads input embeddings, so it must prune before the LLM (layer -1)")
-        hidden, _ = self.embed(inputs, ())
+        if "vit_attn" in needs:
+            block = self._vit_block(strategy)
+            with _capture_attention_inputs(self.visual.blocks[block].attn) as captured:
+                hidden, _ = self.embed(inputs, ())
+            vit_attn, vit_keys = self._vit_signals(self.visual.blocks[block].attn, captured, inputs, hidden.shape[:2])
+        else:
+            hidden, _ = self.embed(inputs, ())
         positions = self.positions(inputs)
         pad = inputs.attention_mask
         ids = inputs.input_ids
@@ -353,15 +368,27 @@ class QwenGlimpseModel:
                     hidden=hidden[b][sel] if "hidden" in needs else None,
                     keys=keys[b][:, sel].transpose(0, 1).reshape(n, -1) if keys is not None else None,
                     attn=attn[b][sel] if attn is not None else None,
+                    vit_attn=vit_attn[b][sel] if "vit_attn" in needs else None,
+                    vit_keys=vit_keys[b][sel] if "vit_attn" in needs else None,
                     generator=gens[b],
                 )
-                mask = strategy.select(sig, budgets[b][s]).to(device)
+                mask, merged = strategy.apply(sig, budgets[b][s])
+                mask = mask.to(device)
                 if mask.shape != (n,) or int(mask.sum()) != budgets[b][s]:
                     raise RuntimeError(f"strategy {strategy.name!r} kept {int(mask.sum())} of {n} tokens, not its budget {budgets[b][s]}")
                 keep_slot[b, sel] = mask
-            if s == len(stages) - 1:
+                if merged is not None:  # merged tokens: new input embeddings for the kept ones
+                    if layer != -1:
+                        raise RuntimeError(f"strategy {strategy.name!r} merges tokens, which only works before the LLM")
+                    hidden[b, sel.nonzero().squeeze(1)[mask]] = merged.to(hidden.dtype)
+            last = s == len(stages) - 1
+            if last and not strategy.reindex:
                 break
             hidden, positions, pad, is_image, vis_idx, cache = self._repad(keep_slot, hidden, positions, is_image, vis_idx, cache, layer)
+            if strategy.reindex:
+                positions = self._reindex(hidden, positions, pad, cache, layer)
+            if last:
+                keep_slot = pad.bool()
         rows = []
         for b in range(bsz):
             sel = keep_slot[b]
@@ -381,6 +408,40 @@ class QwenGlimpseModel:
             ))
         return rows
 
+    def _vit_signals(self, attn: nn.Module, captured: dict, inputs: ModelInputs, shape) -> tuple:
+        """From one ViT attention module's captured inputs: per visual token, the attention it receives
+        (mean over heads and over its image's query patches, summed over its 2x2 patches) and its
+        pre-RoPE keys (mean over the 2x2 patches, heads concatenated), scattered to [B, L] / [B, L, C]
+        at the image tokens. The column sums run over query chunks (no S x S matrix)."""
+        hidden, cu = captured["hidden_states"], captured["cu_seqlens"].tolist()
+        cos, sin = captured["position_embeddings"]
+        seq = hidden.shape[0]
+        heads = attn.num_heads
+        q, k, _ = attn.qkv(hidden).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, h, hd]
+        raw_keys = k.reshape(seq, -1)
+        q = q.float() * cos.unsqueeze(-2).float() + _rotate_half(q.float()) * sin.unsqueeze(-2).float()
+        k = k.float() * cos.unsqueeze(-2).float() + _rotate_half(k.float()) * sin.unsqueeze(-2).float()
+        received = torch.zeros(seq, device=hidden.device)
+        for start, end in zip(cu[:-1], cu[1:]):
+            qs, ks = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1)  # [h, n, hd]
+            n = end - start
+            chunk = max(1, (1 << 24) // max(1, heads * n))
+            col = torch.zeros(heads, n, device=hidden.device)
+            for c in range(0, n, chunk):
+                col += (torch.matmul(qs[:, c:c + chunk], ks.transpose(-1, -2)) * attn.scaling).softmax(dim=-1).sum(dim=1)
+            received[start:end] = col.mean(dim=0) / n
+        unit = self.visual.spatial_merge_size ** 2
+        window_index, _ = _window_index(self.visual, inputs.image_grid_thw)
+        reverse = torch.argsort(window_index.to(hidden.device))
+        scores = received.view(seq // unit, unit).sum(dim=1)[reverse]
+        keys = raw_keys.float().view(seq // unit, unit, -1).mean(dim=1)[reverse]
+        is_image = inputs.input_ids == self.config.image_token_id
+        out_scores = scores.new_zeros(shape)
+        out_scores[is_image] = scores
+        out_keys = keys.new_zeros(*shape, keys.shape[-1])
+        out_keys[is_image] = keys
+        return out_scores, out_keys
+
     def _last_token_attention(self, query, cache, layer_idx, pad) -> torch.Tensor:
         """Softmax attention of the last (prompt) token over every key at one layer, mean over heads: [B, L]."""
         keys = compat.cache_keys(cache, layer_idx)  # [B, kv_heads, L, hd] (post-RoPE)
@@ -388,6 +449,21 @@ class QwenGlimpseModel:
         logits = torch.matmul(query.unsqueeze(2).float(), keys.float().transpose(-1, -2)).squeeze(2) / keys.shape[-1] ** 0.5
         logits = logits.masked_fill(~pad.bool()[:, None, :], float("-inf"))
         return logits.softmax(dim=-1).mean(dim=1)
+
+    def _reindex(self, hidden, positions, pad, cache, k_last) -> torch.Tensor:
+        """Contiguous positions after pruning: every kept token's three M-RoPE coordinates become its
+        index among its row's kept tokens (the 1-D re-indexing FastV/PDrop do on LLaVA). The cached
+        keys of layers 0..k_last were rotated at the old positions; RoPE rotations compose, so rotating
+        them by (new - old) makes them exactly the keys the new positions give."""
+        new = (pad.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1).contiguous()
+        new = new.masked_fill(~pad.bool()[None], 0)
+        if k_last >= 0:
+            cos, sin = self.lm.rotary_emb(hidden, new - positions)  # [B, L, hd]
+            cos, sin = cos[:, None].float(), sin[:, None].float()
+            for i in range(k_last + 1):
+                keys = compat.cache_keys(cache, i)  # [B, kv_heads, L, hd]
+                keys.copy_((keys.float() * cos + _rotate_half(keys.float()) * sin).to(keys.dtype))
+        return new
 
     def _repad(self, keep_slot, hidden, positions, is_image, vis_idx, cache, k_last):
         """Drop the unkept slots of a batch and left-pad it again (hidden, positions, masks, the KV cache
@@ -572,6 +648,24 @@ def _pad_rows(per_row: list, slots: torch.Tensor) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+@contextlib.contextmanager
+def _capture_attention_inputs(attn: nn.Module):
+    """While open, records the inputs of one ViT attention module's forward (hidden_states,
+    cu_seqlens, position_embeddings) into the yielded dict."""
+    captured: dict = {}
+
+    def hook(_module, args, kwargs):
+        names = ("hidden_states", "cu_seqlens", "position_embeddings")
+        captured.update(zip(names, args))
+        captured.update({k: kwargs[k] for k in names if k in kwargs})
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def _window_index(visual, grid_thw):

@@ -10,7 +10,8 @@ strategy states:
     on the LLM's input embeddings). Most prune once; PDrop prunes at several layers.
   * `needs`: the signals it reads at a pruning point (`Signals`), so the stage computes only those.
   * `select(signals, k)`: a bool mask over the row's currently kept visual tokens with exactly `k`
-    True (the budget is exact; `keep_count` gives k).
+    True (the budget is exact; `keep_count` gives k). A strategy that merges tokens (VisionZip)
+    overrides `apply`, which also returns the kept tokens' new input embeddings.
 
 Budgets are per row: k = max(1, int(keep_ratio * N)) over all of a row's images together (the same
 rounding as GlimpsePrune's fixed ratio), and a row may carry its own keep ratio.
@@ -20,8 +21,12 @@ Engine-wide deviations from the papers, the same for every strategy here:
     the pruning point (GlimpsePrune's rule). The engine keeps one cache rectangle per row; FastV and
     PDrop as published keep the token in the earlier layers' cache. Decoding therefore sees
     slightly less than in those papers, and its KV cost is the kept count at every layer.
-  * Survivors keep their original M-RoPE positions (as TensorRT-Edge-LLM, VisionZip, DivPrune and
-    HoloV do); contiguous re-indexing (FastV, PDrop, VisPruner on LLaVA) is not implemented yet.
+  * Survivors keep their original M-RoPE positions by default (as TensorRT-Edge-LLM, VisionZip,
+    DivPrune and HoloV do). `reindex=True` gives contiguous positions instead, as FastV and PDrop
+    do on LLaVA's 1-D RoPE: after each pruning point every kept token's three M-RoPE coordinates
+    become its index among the row's kept tokens, and the cached keys of the layers already run
+    are rotated to those positions (exact: RoPE rotations compose). On Qwen this also flattens the
+    image's 2-D layout for the layers after the pruning point, as the 1-D papers' models have.
   * Attention-based scores use the attention of the *last prompt token* at the layer (FastV's code,
     FastV issue #14), computed as one query row against the layer's cached keys (the single-row
     trick the glimpse uses), so the real attention stays on SDPA / flash-attention.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -52,6 +57,8 @@ class Signals:
     hidden: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
     attn: Optional[torch.Tensor] = None
+    vit_attn: Optional[torch.Tensor] = None  # [n] attention each token receives in one ViT block (VisionZip)
+    vit_keys: Optional[torch.Tensor] = None  # [n, C] that block's keys, pre-RoPE, mean over the 2x2 patches
     generator: Optional[torch.Generator] = None
 
 
@@ -82,8 +89,9 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset] = frozenset()
-    params: ClassVar[tuple] = ()  # the fields a job file / make_strategy may set
+    params: ClassVar[tuple] = ()  # the fields a job file / make_strategy may set (and `reindex`, for all)
     layer: int = -1
+    reindex: bool = False  # contiguous positions after pruning instead of the original M-RoPE ones
 
     def stages(self, n_layers: int) -> list:
         return [_resolve_layer(self.layer, n_layers)]
@@ -95,9 +103,13 @@ class Strategy:
     def select(self, sig: Signals, k: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply(self, sig: Signals, k: int) -> tuple:
+        """(keep mask, new embeddings [k, d] of the kept tokens in token order, or None = unchanged)."""
+        return self.select(sig, k), None
+
     def describe(self) -> dict:
         out = {"strategy": self.name}
-        out.update({f: getattr(self, f) for f in self.params})
+        out.update({f: getattr(self, f) for f in self.params + ("reindex",)})
         return out
 
 
@@ -295,7 +307,76 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, k: int, pivots: int) -
     return pivot_mask | rest
 
 
-STRATEGIES = {cls.name: cls for cls in (RandomStrategy, UniformStrategy, FastVStrategy, PDropStrategy, DivPruneStrategy, DartStrategy)}
+@dataclass(frozen=True)
+class VisionZipStrategy(Strategy):
+    """VisionZip: before the LLM, keep the *dominant* visual tokens (those that receive the most
+    attention inside the vision tower) and a few *contextual* tokens into which the rest are merged.
+
+    Dominant: the k_d tokens with the largest attention received in ViT block `vit_layer` (-1: the
+    tower's last full-attention block), mean over heads and over the image's queries, summed over
+    the 2x2 patches that one merged token covers; the column sums run in query chunks, so no
+    S x S matrix is held. Contextual: k_c = round(contextual * k) (at least 1 when k >= 2) targets
+    spread evenly (in token order) over the remaining tokens; every other remaining token is merged
+    into its most similar target (cosine of that block's pre-RoPE keys, averaged over the 2x2
+    patches), and a target's new embedding is the mean of its own and its merged tokens' LLM input
+    embeddings. Targets keep their own M-RoPE positions.
+
+    Deviations from the paper: Qwen2.5-VL's ViT has no [CLS] token, so "attention received"
+    averages over all of the image's query patches (the paper's variant for encoders without CLS,
+    e.g. SigLIP); the merge averages the LLM input embeddings (after Qwen's 2x2 patch merger)
+    rather than the ViT output before a linear projector, because Qwen's merger is an MLP over
+    four patches; the default dominant/contextual split is the paper's 54/10 for 64 tokens."""
+
+    name: ClassVar[str] = "visionzip"
+    params: ClassVar[tuple] = ("contextual", "vit_layer")
+    needs: ClassVar[frozenset] = frozenset({"vit_attn", "embeds"})
+    contextual: float = 10 / 64  # share of the budget that is contextual (0: dominant tokens only)
+    vit_layer: int = -1
+
+    def vit_block(self, n_blocks: int, full_attention: Sequence[int]) -> int:
+        """The ViT block whose attention is read: `vit_layer`, or -1 = the last full-attention block."""
+        if self.vit_layer == -1:
+            return max(full_attention) if full_attention else n_blocks - 1
+        if not 0 <= self.vit_layer < n_blocks:
+            raise ValueError(f"visionzip vit_layer {self.vit_layer} is outside 0..{n_blocks - 1} for {n_blocks} vision blocks")
+        return self.vit_layer
+
+    def split(self, k: int) -> tuple:
+        """(dominant, contextual) counts for a budget of k tokens."""
+        contextual = 0 if k < 2 or self.contextual <= 0 else min(k - 1, max(1, round(self.contextual * k)))
+        return k - contextual, contextual
+
+    def select(self, sig: Signals, k: int) -> torch.Tensor:
+        return self.apply(sig, k)[0]
+
+    def apply(self, sig: Signals, k: int) -> tuple:
+        return visionzip_select(sig.vit_attn, sig.vit_keys, sig.embeds, *self.split(k))
+
+
+def visionzip_select(scores: torch.Tensor, keys: torch.Tensor, embeds: torch.Tensor, dominant: int, contextual: int) -> tuple:
+    """(keep mask [n], embeddings [dominant + contextual, d] of the kept tokens in token order)."""
+    n = scores.shape[0]
+    mask = topk_mask(scores, dominant)
+    out = embeds.clone()
+    rest = (~mask).nonzero().squeeze(1)
+    if contextual > 0 and rest.numel() > 0:
+        contextual = min(contextual, rest.numel())
+        picks = torch.tensor([int(i * rest.numel() / contextual) for i in range(contextual)], device=rest.device)
+        targets = rest[picks]
+        others = rest[~torch.isin(rest, targets)]
+        mask[targets] = True
+        if others.numel():
+            x = torch.nn.functional.normalize(keys.float(), dim=-1)
+            owner = targets[(x[others] @ x[targets].T).argmax(dim=1)]  # each merged token's target
+            total = embeds.float().clone()
+            total.index_add_(0, owner, embeds[others].float())
+            count = torch.ones(n, device=embeds.device).index_add_(0, owner, torch.ones(others.numel(), device=embeds.device))
+            out[targets] = (total[targets] / count[targets, None]).to(embeds.dtype)
+    return mask, out[mask]
+
+
+STRATEGIES = {cls.name: cls for cls in (RandomStrategy, UniformStrategy, FastVStrategy, PDropStrategy, DivPruneStrategy, DartStrategy,
+                                        VisionZipStrategy)}
 
 
 def make_strategy(name: str, **params) -> Strategy:
@@ -303,7 +384,7 @@ def make_strategy(name: str, **params) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown pruning strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
-    allowed = set(cls.params)
+    allowed = set(cls.params) | {"reindex"}
     bad = sorted(set(params) - allowed)
     if bad:
         raise ValueError(f"strategy {name!r} has no parameter(s) {', '.join(bad)}; it takes {', '.join(sorted(allowed)) or 'none'}")
