@@ -31,6 +31,7 @@ scaled) -> `smart_resize` -> raw RGB frame. visual_tokens = sum over images of (
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import time
@@ -51,6 +52,7 @@ from schemas.rows import (
     PIPELINE_SCHEMA,
     PROMPT_COLUMN,
     PRUNE_COLUMN,
+    SAMPLING_COLUMN,
     STAGE_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
@@ -349,7 +351,7 @@ def decode_batch(batch: Union[pa.Table, Mapping[str, list]], config: ImageStageC
     """
     table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
     cols = config.columns
-    missing = [name for name in (cols.id, cols.image) + ((cols.pruning,) if cols.pruning else ()) if name not in table.column_names]
+    missing = [name for name in (cols.id, cols.image, cols.pruning, cols.sampling) if name and name not in table.column_names]
     if missing:
         raise ValueError(f"input column(s) {missing} not found (have {table.column_names}); set input.columns")
     has_question = cols.question is not None and cols.question in table.column_names
@@ -367,7 +369,37 @@ def decode_batch(batch: Union[pa.Table, Mapping[str, list]], config: ImageStageC
             prunes[i], problem = row_pruning_value(value, config.pruning_mode, cols.pruning)
             if problem and not rows[i].error:
                 rows[i] = PreparedRow(error=problem)
-    return _with_stage_columns(_passthrough(table, cols), rows, seconds, prunes)
+    samplings = [None] * table.num_rows
+    if cols.sampling:
+        for i, value in enumerate(table.column(cols.sampling).to_pylist()):
+            samplings[i], problem = row_sampling_value(value, cols.sampling)
+            if problem and not rows[i].error:
+                rows[i] = PreparedRow(error=problem)
+    return _with_stage_columns(_passthrough(table, cols), rows, seconds, prunes, samplings)
+
+
+def row_sampling_value(value, column: str) -> tuple[Optional[str], Optional[str]]:
+    """A row's own decoding settings (a JSON object string, or a struct/map) -> (checked compact JSON,
+    None), or (None, one-line problem). Null or empty = the job's."""
+    from pydantic import ValidationError
+
+    from schemas.job import RowSamplingSpec
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    try:
+        data = json.loads(value) if isinstance(value, (str, bytes)) else value
+        if isinstance(data, list) and not isinstance(value, (str, bytes)):  # a map column: [(key, value), ...]
+            data = dict(data)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        data = {k: v for k, v in data.items() if v is not None}
+        spec = RowSamplingSpec.model_validate(data)
+    except (ValueError, TypeError) as exc:
+        detail = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        what = f"{'.'.join(str(p) for p in detail['loc'])}: {detail['msg'].lower()}" if detail else str(exc)[:80]
+        return None, f"input column {column!r}: bad sampling settings ({what})"
+    return json.dumps(spec.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":")), None
 
 
 def row_pruning_value(value, mode: str, column: str) -> tuple[Optional[float], Optional[str]]:
@@ -406,7 +438,7 @@ def _passthrough(table: pa.Table, cols: InputColumns) -> pa.Table:
     return table.rename_columns([renames.get(name, name) for name in table.column_names])
 
 
-def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[float], prunes: list) -> pa.Table:
+def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[float], prunes: list, samplings: list) -> pa.Table:
     fixed = {out.name: out for out in OUTPUT_SCHEMA}
     columns = {
         "status": [STATUS_ERROR if row.error else STATUS_OK for row in rows],
@@ -423,6 +455,7 @@ def _with_stage_columns(table: pa.Table, rows: list[PreparedRow], seconds: list[
         IMAGES_COLUMN: [list(row.images) for row in rows],
         IMAGE_TOKENS_COLUMN: [list(row.image_tokens) for row in rows],
         PRUNE_COLUMN: prunes,
+        SAMPLING_COLUMN: samplings,
     }
     for stage_field in STAGE_SCHEMA:
         table = table.append_column(stage_field, pa.array(stage[stage_field.name], type=stage_field.type))

@@ -16,6 +16,7 @@ import difflib
 import os
 import re
 import typing
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
@@ -52,9 +53,24 @@ def load_job(path: str | os.PathLike, overrides: Iterable[str] = (), profiles: I
         overridden.append(key)
     _drop_other_strategy_keys(data, profiled + overridden)
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(shown, exc, data, overridden) from None
+    return _read_template_file(shown, job)
+
+
+def _read_template_file(shown: str, job: JobSpec) -> JobSpec:
+    """chat.template_file -> chat.template, so the actors need not see the file."""
+    path = job.chat.template_file
+    if not path:
+        return job
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobFileError(shown, f"cannot read {path!r} ({exc.__class__.__name__}: {exc.strerror or exc})", "chat.template_file") from None
+    if not text.strip():
+        raise JobFileError(shown, f"{path!r} is empty", "chat.template_file")
+    return job.model_copy(update={"chat": job.chat.model_copy(update={"template": text})})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from schemas.rows import (
     PIPELINE_SCHEMA,
     PROMPT_COLUMN,
     PRUNE_COLUMN,
+    SAMPLING_COLUMN,
     READ_ERROR_COLUMN,
     ROW_COLUMN,
     STAGE_SCHEMA,
@@ -86,6 +87,7 @@ def to_block(block: pa.Table, config: ImageStageConfig) -> pa.Table:
         "status": status, "error": error, "visual_tokens": decoded.column("visual_tokens"), "image_s": decoded.column("image_s"),
         PROMPT_COLUMN: decoded.column(PROMPT_COLUMN), IMAGES_COLUMN: decoded.column(IMAGES_COLUMN),
         IMAGE_TOKENS_COLUMN: decoded.column(IMAGE_TOKENS_COLUMN), PRUNE_COLUMN: decoded.column(PRUNE_COLUMN),
+        SAMPLING_COLUMN: decoded.column(SAMPLING_COLUMN),
     }
     arrays = [pc.cast(columns[f.name], f.type) for f in BLOCK_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=BLOCK_SCHEMA)

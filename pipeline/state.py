@@ -77,11 +77,18 @@ def settings_fingerprint_fields(job: JobSpec) -> dict[str, Any]:
                   "attn_implementation": job.model.attn_implementation},
         "pruning": job.pruning.model_dump(mode="json"),
         "prompt": job.input.prompt,
-        "columns": job.input.columns.model_dump(mode="json"),
-        "sampling": job.sampling.model_dump(mode="json"),
+        "columns": _without_new_defaults(job.input.columns.model_dump(mode="json"), {"sampling": None}),
+        "sampling": _without_new_defaults(job.sampling.model_dump(mode="json"), {"top_k": 0, "repetition_penalty": 1.0, "stop": []}),
         "image": job.image.model_dump(mode="json"),
         "limit": job.input.limit,
+        **({"chat": job.chat.model_dump(mode="json", exclude={"template_file"})} if job.chat.system or job.chat.template else {}),
     }
+
+
+def _without_new_defaults(values: dict, defaults: dict) -> dict:
+    """Settings added after outputs were first written leave the fingerprint unchanged at their defaults,
+    so upgrading does not make skip_existing redo finished shards."""
+    return {k: v for k, v in values.items() if not (k in defaults and v == defaults[k])}
 
 
 def digest(value: Any) -> str:

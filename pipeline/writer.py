@@ -29,6 +29,7 @@ from schemas.rows import (
     ID_COLUMN,
     IMAGE_TOKENS_COLUMN,
     PRUNE_COLUMN,
+    SAMPLING_COLUMN,
     IMAGES_COLUMN,
     KEY_COLUMN,
     PASSTHROUGH_COLUMN,
@@ -194,7 +195,7 @@ class RunStats:
 # Streaming writes (tasks) and per-shard commits (driver)
 
 
-PART_DROP = (IMAGE_TOKENS_COLUMN, PROMPT_COLUMN, IMAGES_COLUMN, PRUNE_COLUMN, READ_ERROR_COLUMN)
+PART_DROP = (IMAGE_TOKENS_COLUMN, PROMPT_COLUMN, IMAGES_COLUMN, PRUNE_COLUMN, SAMPLING_COLUMN, READ_ERROR_COLUMN)
 STATS_SCHEMA = pa.schema([
     ("key", pa.string()), ("first", pa.int64()), ("last", pa.int64()), ("rows", pa.int64()),
     ("errors", pa.int64()), ("transient", pa.int64()), ("pad_sum", pa.float64()), ("pad_rows", pa.int64()),

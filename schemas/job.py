@@ -158,6 +158,11 @@ class InputColumns(StrictModel):
         "(captioning). Empty questions fall back to input.prompt.",
     )
 
+    sampling: Optional[NonEmptyStr] = Field(
+        None,
+        description="Optional column holding a row's own decoding settings as a JSON object (or struct) with any of "
+        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop; null = the job's.",
+    )
     pruning: Optional[NonEmptyStr] = Field(
         None,
         description="Optional column holding a row's own pruning setting, overriding the job's for that row: its "
@@ -167,9 +172,9 @@ class InputColumns(StrictModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> "InputColumns":
-        names = [self.id, self.image] + ([self.question] if self.question else []) + ([self.pruning] if self.pruning else [])
+        names = [self.id, self.image] + [c for c in (self.question, self.pruning, self.sampling) if c]
         if len(set(names)) != len(names):
-            raise FieldRuleError("image", f"id, image and question columns must differ, got {names}")
+            raise FieldRuleError("image", f"the id, image, question, pruning and sampling columns must differ, got {names}")
         return self
 
 
@@ -363,6 +368,38 @@ class SamplingSpec(StrictModel):
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus-sampling mass, (0, 1].")
     seed: Optional[int] = Field(None, ge=0, description="Sampling seed (per batch); None = unseeded.")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="Sample among the k most likely tokens only; 0 = no limit.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL repetition penalty over the tokens a row has "
+                                      "generated; 1 = off, > 1 discourages repeats.")
+    stop: list[NonEmptyStr] = Field([], max_length=16, description="Strings that end a row's answer; the answer is cut "
+                                    "before the first (finish_reason stop).")
+
+
+class RowSamplingSpec(StrictModel):
+    """A row's own decoding settings (input.columns.sampling): any of these keys, the rest are the job's."""
+
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=32_768)
+    temperature: Optional[float] = Field(None, ge=0.0, le=10.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0, le=1_000_000)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    stop: Optional[list[NonEmptyStr]] = Field(None, max_length=16)
+
+
+class ChatSpec(StrictModel):
+    """How the question becomes the model's prompt."""
+
+    system: Optional[NonEmptyStr] = Field(None, description="System prompt for every row; None = the template's default.")
+    template: Optional[NonEmptyStr] = Field(None, description="A Jinja chat template replacing the model's own (inline); "
+                                            "it must render the image placeholder and the question.")
+    template_file: Optional[NonEmptyStr] = Field(None, description="A file holding the chat template (read when the job "
+                                                 "is loaded; relative to the current directory).")
+
+    @model_validator(mode="after")
+    def _one_template(self) -> "ChatSpec":
+        if self.template and self.template_file:
+            raise FieldRuleError("template_file", "give chat.template or chat.template_file, not both")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,6 +544,7 @@ class JobSpec(StrictModel):
         default_factory=GlimpsePruning, description="Visual-token pruning strategy, chosen by `mode`."
     )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding settings.")
+    chat: ChatSpec = Field(default_factory=ChatSpec, description="System prompt and chat template.")
     image: ImageSpec = Field(default_factory=ImageSpec, description="Image decode/resize limits.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batch token budgets.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources.")

@@ -67,6 +67,7 @@ FIXED_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 # Image stage -> model stage contract (internal; dropped by the writer).
 PROMPT_COLUMN = "_prompt"
 PRUNE_COLUMN = "_prune"
+SAMPLING_COLUMN = "_sampling"
 IMAGES_COLUMN = "_images"
 IMAGE_TOKENS_COLUMN = "_image_tokens"
 STAGE_SCHEMA = pa.schema(
@@ -75,6 +76,8 @@ STAGE_SCHEMA = pa.schema(
         _field(IMAGES_COLUMN, pa.list_(pa.binary()), "Resized RGB images as raw frames (`encode_frame`), in row order."),
         _field(IMAGE_TOKENS_COLUMN, pa.list_(pa.int32()), "Visual tokens per resized image."),
         _field(PRUNE_COLUMN, pa.float64(), "The row's own pruning setting (input.columns.pruning); null = the job's."),
+        _field(SAMPLING_COLUMN, pa.string(), "The row's own decoding settings as checked JSON (input.columns.sampling); "
+               "null = the job's."),
     ]
 )
 STAGE_COLUMNS = tuple(STAGE_SCHEMA.names)

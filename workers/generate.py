@@ -24,6 +24,8 @@ so Ray restarts the actor (its task is retried); any other exception becomes err
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import zlib
 from typing import Any
@@ -31,7 +33,8 @@ from typing import Any
 import pyarrow as pa
 
 from schemas.job import KEEP_RATIO_MODES, STRATEGY_MODES, JobSpec
-from schemas.rows import IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, PRUNE_COLUMN, ROW_COLUMN, STATUS_ERROR, STATUS_OK, decode_frame, one_line
+from schemas.rows import (IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, PRUNE_COLUMN, ROW_COLUMN, SAMPLING_COLUMN, STATUS_ERROR, STATUS_OK,
+                          decode_frame, one_line)
 from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
@@ -93,8 +96,9 @@ class GlimpseUDF:
             raise ValueError(f"pruning.mode {job.pruning.mode} needs model.glimpse_modules")
         self.engine.prune_layers()  # a strategy layer beyond the model's depth fails here, in one line
         _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
-        s = job.sampling
-        self.sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        self.engine.system_prompt, self.engine.chat_template = job.chat.system, job.chat.template
+        self.engine.check_chat_template()  # a broken template fails here, in one line
+        self.sampling = SamplingParams(**job.sampling.model_dump(exclude={"stop"}), stop=tuple(job.sampling.stop))
         self.scheduler = self._scheduler() if job.batching.scheduler == "continuous" else None
         log.info("model stage ready in %.1f s (%s, pruning %s)", time.perf_counter() - started, m.base, job.pruning.mode)
 
@@ -129,7 +133,9 @@ class GlimpseUDF:
             glimpsed = self._glimpse(todo, requests, raw, out)
             lengths = {i: g[0].length for i, g in glimpsed.items()}
             run = lambda ids: self.engine.generate_from_rows(  # noqa: E731
-                [glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids], row_seeds=[requests[i].seed for i in ids])
+                [glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids], row_seeds=[requests[i].seed for i in ids],
+                limits=[requests[i].max_new_tokens or (requests[i].sampling or self.sampling).max_new_tokens for i in ids],
+                row_params=[requests[i].sampling for i in ids])
         else:
             lengths = raw
             run = lambda ids: self.engine.generate([requests[i] for i in ids], self.sampling)  # noqa: E731
@@ -189,14 +195,26 @@ class GlimpseUDF:
         expected = row.get("visual_tokens")
         own = row.get(PRUNE_COLUMN)
         rule = with_row_value(self.engine.rule, own) if own is not None and self.engine.rule is not None else None
+        sampling = self._row_sampling(row)
         return GenerationRequest(images=images, prompt=row[PROMPT_COLUMN],
                                  visual_tokens=int(expected) if expected is not None and images else None,
-                                 seed=self._row_seed(row), keep_rule=rule, prune_seed=_prune_seed(row))
+                                 seed=self._row_seed(row, sampling or self.sampling), keep_rule=rule,
+                                 prune_seed=_prune_seed(row), sampling=sampling)
 
-    def _row_seed(self, row: dict):
+    def _row_sampling(self, row: dict):
+        """The row's own SamplingParams (the job's, updated by its input.columns.sampling), or None."""
+        own = row.get(SAMPLING_COLUMN)
+        if not own:
+            return None
+        values = json.loads(own)
+        if "stop" in values:
+            values["stop"] = tuple(values["stop"])
+        return dataclasses.replace(self.sampling, **values)
+
+    def _row_seed(self, row: dict, sampling):
         """With a job seed, each row samples from its own seed (job seed, shard key, row number), so its
         answer does not depend on which rows it was batched with, nor on retries."""
-        if self.sampling.seed is None or self.sampling.temperature == 0 or row.get(KEY_COLUMN) is None:
+        if self.sampling.seed is None or sampling.temperature == 0 or row.get(KEY_COLUMN) is None:
             return None
         return zlib.crc32(f"{self.sampling.seed}:{row[KEY_COLUMN]}:{row.get(ROW_COLUMN)}".encode())
 

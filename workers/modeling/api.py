@@ -25,6 +25,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    top_k: int = 0  # sample among the k most likely tokens only; 0 = no limit
+    repetition_penalty: float = 1.0  # > 1 discourages tokens the row has already generated (CTRL's rule)
+    stop: tuple = ()  # strings that end the row; the answer is cut before the first one
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -33,6 +36,13 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,9 @@ class GenerationRequest:
     # and the seed of its sampling generator (a row's draws then depend on nothing else).
     max_new_tokens: Optional[int] = None
     seed: Optional[int] = None
+    # Optional: this row's own SamplingParams (temperature, top_p, top_k, repetition penalty, stop
+    # strings, max_new_tokens) replacing the call's; the two fields above still apply on top.
+    sampling: Optional[Any] = None
     # Optional per-row keep rule (`workers.modeling.keep_rule.KeepRule`) replacing the engine's for
     # this row, e.g. its own threshold or keep ratio.
     keep_rule: Optional[Any] = None

@@ -21,7 +21,7 @@ from .glimpse import GlimpseModules
 from .keep_rule import KeepRule, split_per_image
 from .pixels import PixelPrep, expand_image_tokens
 from .qwen2_5_vl import GlimpsedRow, ModelInputs, PrefillState, QwenGlimpseModel
-from .sampling import row_generators, select_next
+from .sampling import cut_at_stop, rows_sampling, select_next
 
 
 class GlimpseEngine:
@@ -45,6 +45,10 @@ class GlimpseEngine:
         # Images the caller sized already skip the processor's image half (`pixels.PixelPrep`, exact).
         self.fast_pixels = True
         self._prep = None
+        # Prompting: a system prompt for requests without their own, and a Jinja chat template replacing
+        # the processor's (None: the model's own).
+        self.system_prompt: Optional[str] = None
+        self.chat_template: Optional[str] = None
 
     @property
     def prunes(self) -> bool:
@@ -70,10 +74,9 @@ class GlimpseEngine:
         texts, images = [], []
         for req in requests:
             content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-                {"role": "user", "content": content}
-            ]
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            system = req.system or self.system_prompt
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+            texts.append(self.render_chat(messages))
             images.extend(req.images)
         self.processor.tokenizer.padding_side = "left"
         prep = self._pixel_prep()
@@ -90,6 +93,23 @@ class GlimpseEngine:
         if any(r.visual_tokens is not None for r in requests):
             check_visual_tokens(requests, self.core.visual_tokens(inputs))
         return inputs
+
+    def render_chat(self, messages: list) -> str:
+        """The prompt text for one conversation, by the engine's chat template (or the model's)."""
+        kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        if not isinstance(text, str) or not text:
+            raise ValueError("the chat template rendered no text")
+        return text
+
+    def check_chat_template(self) -> None:
+        """Render one image question; a template that fails, or drops the image or the question, raises."""
+        text = self.render_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}])
+        token = getattr(self.processor, "image_token", None)
+        if token and token not in text:
+            raise ValueError(f"the chat template leaves out the image placeholder {token!r}")
+        if "Q?" not in text:
+            raise ValueError("the chat template leaves out the question text")
 
     def _pixel_prep(self):
         """The tensor-op image half (`pixels.PixelPrep`), or None when the processor is not a Qwen2-VL one
@@ -132,7 +152,8 @@ class GlimpseEngine:
         keep = _request_keep_masks(requests, keep_layer)
         return self.generate_from_inputs(self.build_inputs(requests), sampling, return_masks=return_masks, keep=keep,
                                          limits=request_limits(requests, sampling), row_seeds=[r.seed for r in requests],
-                                         rules=request_rules(requests), prune_seeds=request_prune_seeds(requests))
+                                         rules=request_rules(requests), prune_seeds=request_prune_seeds(requests),
+                                         row_params=[r.sampling for r in requests])
 
     # ---- processed inputs -> results ----------------------------------------------------------
     @torch.inference_mode()
@@ -147,12 +168,14 @@ class GlimpseEngine:
         row_seeds: Sequence = (),
         rules: Optional[Sequence] = None,
         prune_seeds: Optional[Sequence] = None,
+        row_params: Sequence = (),
     ) -> list[GenerationResult]:
         """prune=False: the plain model. keep: explicit per-row keep masks instead of the keep rule
         (with or without glimpse modules); prune must then be True. limits: per row, the most tokens
-        it may generate (default sampling.max_new_tokens); the batch decodes until its last row
+        it may generate (default: its sampling's max_new_tokens); the batch decodes until its last row
         stops. row_seeds: per row, its own sampling seed (or None). rules: per row, its own keep rule
-        (or None: the engine's). prune_seeds: per row, the seed of a strategy's random choices."""
+        (or None: the engine's). prune_seeds: per row, the seed of a strategy's random choices.
+        row_params: per row, its own SamplingParams (or None: the call's)."""
         if keep is not None and not prune:
             raise ValueError("explicit keep masks prune: pass prune=True (or no keep masks)")
         inputs = self._check(self._to_device(inputs))
@@ -162,11 +185,13 @@ class GlimpseEngine:
         else:
             state = self.core.prefill(inputs, self.rule if (prune and self.prunes) else None, rules=rules, seeds=prune_seeds)
         t1 = _now(self.device)
-        tokens, finished = self._decode(state, sampling, limits, row_seeds)
+        rows = rows_sampling(sampling, state.logits.shape[0], self.device, row_seeds, row_params)
+        tokens, finished = self._decode(state, rows, limits)
         t2 = _now(self.device)
         prompt_tokens = inputs.attention_mask.sum(dim=1).tolist()
         return [
-            self._result(state, row, tokens[row], finished[row], prompt_tokens[row], (t1 - t0, t2 - t1), return_masks)
+            self._result(state, row, tokens[row], finished[row], prompt_tokens[row], (t1 - t0, t2 - t1), return_masks,
+                         rows[row].params.stop)
             for row in range(len(tokens))
         ]
 
@@ -189,21 +214,23 @@ class GlimpseEngine:
     @torch.inference_mode()
     def generate_from_rows(
         self, rows: Sequence[GlimpsedRow], sampling: SamplingParams = SamplingParams(), glimpse_s: Sequence[float] = (),
-        return_masks: bool = False, limits: Optional[Sequence[int]] = None, row_seeds: Sequence = (),
+        return_masks: bool = False, limits: Optional[Sequence[int]] = None, row_seeds: Sequence = (), row_params: Sequence = (),
     ) -> list[GenerationResult]:
         """Finish the prefill of glimpsed rows (possibly from different glimpse batches) and decode.
 
         glimpse_s: per row, the seconds of the glimpse stage to add to its prefill time. limits,
-        row_seeds: as in `generate_from_inputs`.
+        row_seeds, row_params: as in `generate_from_inputs`.
         """
         t0 = _now(self.device)
         state = self.core.finish_prefill(list(rows))
         t1 = _now(self.device)
-        tokens, finished = self._decode(state, sampling, limits, row_seeds)
+        settings = rows_sampling(sampling, len(rows), self.device, row_seeds, row_params)
+        tokens, finished = self._decode(state, settings, limits)
         t2 = _now(self.device)
         extra = list(glimpse_s) or [0.0] * len(rows)
         return [
-            self._result(state, i, tokens[i], finished[i], rows[i].prompt_tokens, (t1 - t0 + extra[i], t2 - t1), return_masks)
+            self._result(state, i, tokens[i], finished[i], rows[i].prompt_tokens, (t1 - t0 + extra[i], t2 - t1), return_masks,
+                         settings[i].params.stop)
             for i in range(len(rows))
         ]
 
@@ -212,22 +239,24 @@ class GlimpseEngine:
             raise ValueError("inputs must be left-padded (attention_mask[:, -1] must be 1 for every row)")
         return inputs
 
-    def _decode(self, state: PrefillState, sampling: SamplingParams, limits: Optional[Sequence[int]] = None,
-                row_seeds: Sequence = ()) -> tuple:
-        """Static batch decode: every row until its EOS or its limit; the batch runs until the last stops."""
+    def _decode(self, state: PrefillState, rows: Sequence, limits: Optional[Sequence[int]] = None) -> tuple:
+        """Static batch decode: every row until its EOS, a stop string or its limit; the batch runs until
+        the last stops. rows: per row, its `sampling.RowSampling`."""
         bsz = state.logits.shape[0]
-        gens = row_generators(sampling, bsz, self.device, row_seeds)
         eos = torch.tensor(self.eos_ids, device=self.device)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # by EOS
-        limit = torch.tensor(list(limits) if limits is not None else [sampling.max_new_tokens] * bsz, device=self.device)
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)  # by EOS or a stop string
+        limit = torch.tensor(list(limits) if limits is not None else [r.params.max_new_tokens for r in rows], device=self.device)
         tokens: list = [[] for _ in range(bsz)]
         logits, pad = state.logits, state.pad_mask
         for step in range(int(limit.max())):
-            nxt = select_next(logits, sampling, gens).masked_fill(done, self.pad_id)  # [B]
+            nxt = select_next(logits, rows, tokens).masked_fill(done, self.pad_id)  # [B]
             for row in (~done).nonzero().flatten().tolist():
                 tokens[row].append(int(nxt[row]))
             hit = torch.isin(nxt, eos) & ~done
+            for row in (~done & ~hit).nonzero().flatten().tolist():
+                if rows[row].params.stop and self.stop_reached(tokens[row], rows[row].params.stop):
+                    hit[row] = True
             stopped |= hit
             done |= hit | (limit <= step + 1)
             if bool(done.all()):
@@ -236,21 +265,31 @@ class GlimpseEngine:
             logits = self.core.decode_step(nxt, state.next_positions + step, pad, state.cache)
         return tokens, stopped.tolist()
 
-    def _result(self, state, row, token_ids, finished, prompt_tokens, times, return_masks) -> GenerationResult:
+    def stop_reached(self, token_ids: Sequence[int], stops: Sequence[str]) -> bool:
+        """Whether the row's text so far holds one of its stop strings."""
+        return cut_at_stop(self._text(token_ids), stops)[1]
+
+    def _text(self, token_ids: Sequence[int]) -> str:
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer.decode([t for t in token_ids if t not in self.eos_ids], skip_special_tokens=True)
+
+    def _result(self, state, row, token_ids, finished, prompt_tokens, times, return_masks, stops=()) -> GenerationResult:
         mask = state.keep_masks[row] if state.keep_masks is not None else None
         importance = state.importance_logits[row] if state.importance_logits else None
-        return self.row_result(state.visual_tokens[row], mask, importance, token_ids, finished, prompt_tokens, times, return_masks)
+        return self.row_result(state.visual_tokens[row], mask, importance, token_ids, finished, prompt_tokens, times, return_masks,
+                               stops)
 
-    def row_result(self, per_image, mask, importance, token_ids, finished, prompt_tokens, times, return_masks) -> GenerationResult:
+    def row_result(self, per_image, mask, importance, token_ids, finished, prompt_tokens, times, return_masks,
+                   stops=()) -> GenerationResult:
         """One row's result. per_image: its visual-token count per image; mask: its keep mask (None:
-        unpruned); finished: it stopped at EOS; times: (prefill_s, decode_s)."""
+        unpruned); finished: it stopped at EOS or a stop string; times: (prefill_s, decode_s); stops:
+        its stop strings (the text is cut before the first)."""
         visual = sum(per_image)
         kept_per_image = split_per_image(mask, per_image) if mask is not None else list(per_image)
         kept = sum(kept_per_image)
-        text_ids = [t for t in token_ids if t not in self.eos_ids]
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        text, _ = cut_at_stop(self._text(token_ids), stops)
         return GenerationResult(
-            text=tokenizer.decode(text_ids, skip_special_tokens=True),
+            text=text,
             token_ids=token_ids,
             visual_tokens=visual,
             kept_tokens=kept,
@@ -284,8 +323,8 @@ def request_prune_seeds(requests: Sequence[GenerationRequest]) -> Optional[list]
 
 
 def request_limits(requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[int]:
-    """Per request, the most tokens it may generate (its own max_new_tokens or the call's)."""
-    return [r.max_new_tokens or sampling.max_new_tokens for r in requests]
+    """Per request, the most tokens it may generate (its own max_new_tokens, else its own sampling's or the call's)."""
+    return [r.max_new_tokens or (r.sampling or sampling).max_new_tokens for r in requests]
 
 
 def _request_keep_masks(requests: Sequence[GenerationRequest], keep_layer: Optional[int]) -> Optional[KeepMasks]:

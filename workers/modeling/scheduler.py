@@ -47,7 +47,8 @@ import torch
 from . import compat
 from .api import GenerationRequest, GenerationResult, SamplingParams
 from .qwen2_5_vl import GlimpsedRow, PrefillState
-from .sampling import base_seed, row_generator, select_next
+from .engine import request_limits
+from .sampling import base_seed, row_sampling, select_next
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class _Running:
     index: list  # request index per slot
     limit: torch.Tensor  # [B] max_new_tokens per row
     made: torch.Tensor  # [B] tokens generated so far
-    gens: Optional[list]
+    sampling: list  # per slot: its `sampling.RowSampling`
     tokens: list  # per slot: generated ids
     prefill_s: list  # per slot
     decode_s: list  # per slot
@@ -219,10 +220,8 @@ class ContinuousScheduler:
         seconds = _now(engine.device) - t0
         self.stats.prefill_s += seconds
         self.stats.prefill_tokens += int(inputs.attention_mask.sum())
-        limit = self._sampling.max_new_tokens
-        return [
-            _Ready(i, row, seconds / len(chunk), self._requests[i].max_new_tokens or limit) for i, row in zip(chunk, rows)
-        ]
+        return [_Ready(i, row, seconds / len(chunk), request_limits([self._requests[i]], self._sampling)[0])
+                for i, row in zip(chunk, rows)]
 
     def _admit(self, run: Optional[_Running], ready: deque) -> Optional[_Running]:
         """Move ready rows that fit the KV budget (first fit, in order) into the running batch."""
@@ -258,13 +257,12 @@ class ContinuousScheduler:
     def _new_running(self, state: PrefillState, taken: list, seconds: float) -> _Running:
         device = self.engine.device
         n = len(taken)
-        gens = None
-        if self._sampling.temperature > 0:
-            gens = [row_generator(self._base_seed, t.index, self._requests[t.index].seed, device) for t in taken]
+        sampling = [row_sampling(self._sampling, self._requests[t.index].sampling, self._base_seed, t.index,
+                                 self._requests[t.index].seed, device) for t in taken]
         return _Running(
             cache=state.cache, pad=state.pad_mask, next_pos=state.next_positions, logits=state.logits,
             index=[t.index for t in taken], limit=torch.tensor([t.limit for t in taken], device=device),
-            made=torch.zeros(n, dtype=torch.long, device=device), gens=gens, tokens=[[] for _ in taken],
+            made=torch.zeros(n, dtype=torch.long, device=device), sampling=sampling, tokens=[[] for _ in taken],
             prefill_s=[t.seconds + seconds for t in taken], decode_s=[0.0] * n, share=[0.0] * n, pad_acc=[0.0] * n,
             kv_acc=[0.0] * n, rows=[t.row for t in taken],
         )
@@ -274,12 +272,15 @@ class ContinuousScheduler:
         if run is None:
             return None, []
         t0 = _now(self.engine.device)
-        nxt = select_next(run.logits, self._sampling, run.gens)  # [B]
+        nxt = select_next(run.logits, run.sampling, run.tokens)  # [B]
         run.made += 1
         hit = torch.isin(nxt, eos)
-        done = hit | (run.made >= run.limit)
         for slot, token in enumerate(nxt.tolist()):
             run.tokens[slot].append(token)
+            stops = run.sampling[slot].params.stop
+            if stops and not hit[slot] and self.engine.stop_reached(run.tokens[slot], stops):
+                hit[slot] = True
+        done = hit | (run.made >= run.limit)
         self.stats.output_tokens += run.size
         finished = [(run.index[s], self._result(run, s, bool(hit[s]))) for s in done.nonzero().flatten().tolist()]
         if len(finished) == run.size:
@@ -312,7 +313,7 @@ class ContinuousScheduler:
         mask = row.keep_mask if self._prune else None
         result = self.engine.row_result(
             row.visual_tokens, mask, row.importance_logits if self._prune else None, run.tokens[slot], finished_by_eos,
-            row.prompt_tokens, (run.prefill_s[slot], run.decode_s[slot]), self._return_masks,
+            row.prompt_tokens, (run.prefill_s[slot], run.decode_s[slot]), self._return_masks, run.sampling[slot].params.stop,
         )
         steps = len(run.tokens[slot]) - 1  # decoder forwards the row took part in
         result.extra.update(
@@ -336,7 +337,7 @@ class ContinuousScheduler:
         return _Running(
             cache=self._cache(keys, values), pad=pad[:, first:], next_pos=run.next_pos.index_select(0, alive),
             logits=run.logits.index_select(0, alive), index=pick(run.index), limit=run.limit.index_select(0, alive),
-            made=run.made.index_select(0, alive), gens=pick(run.gens) if run.gens is not None else None,
+            made=run.made.index_select(0, alive), sampling=pick(run.sampling),
             tokens=pick(run.tokens), prefill_s=pick(run.prefill_s), decode_s=pick(run.decode_s), share=pick(run.share),
             pad_acc=pick(run.pad_acc), kv_acc=pick(run.kv_acc), rows=pick(run.rows),
         )
@@ -352,7 +353,7 @@ class ContinuousScheduler:
             cache=self._cache(keys, values), pad=torch.cat([_pad_left(a.pad, width, 1), _pad_left(b.pad, width, 1)]),
             next_pos=torch.cat([a.next_pos, b.next_pos]), logits=torch.cat([a.logits, b.logits]),
             index=a.index + b.index, limit=torch.cat([a.limit, b.limit]), made=torch.cat([a.made, b.made]),
-            gens=(a.gens + b.gens) if a.gens is not None else None, tokens=a.tokens + b.tokens,
+            sampling=a.sampling + b.sampling, tokens=a.tokens + b.tokens,
             prefill_s=a.prefill_s + b.prefill_s, decode_s=a.decode_s + b.decode_s, share=a.share + b.share,
             pad_acc=a.pad_acc + b.pad_acc, kv_acc=a.kv_acc + b.kv_acc, rows=a.rows + b.rows,
         )
