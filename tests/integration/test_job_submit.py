@@ -1,4 +1,4 @@
-"""`ray start --head` on 127.0.0.1, then `ray job submit` of the demo job; the output must be there.
+"""`ray start --head` on 127.0.0.1, then `ray job submit` of the demo job as the README says; the output must be there.
 
 The cluster runs in its own process group (`ray start --block`), and is stopped by signalling that
 group, never with `ray stop` (which would kill every Ray cluster on the machine).
@@ -64,25 +64,28 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
+    """Exactly the README's command, from the repo root: `ray job submit --runtime-env jobs/runtime_env.yaml
+    -- python -m pipeline run ...`. The entrypoint's plain `python` is the runtime env's virtualenv (on
+    this machine's PATH, `python` has no pyarrow: without the runtime env the job fails on the import)."""
     address, env = ray_head
     base, glimpse = model_dirs
     write_shards(WorldConfig(seed=9, max_objects=3), 4, tmp_path / "in", rows_per_shard=2)
     out = tmp_path / "out"
     cmd = [
-        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", '{"excludes": [".venv", ".git", "out", "bench/results"]}', "--",
-        sys.executable, "-m", "pipeline", "run", "jobs/demo.yaml",
+        RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "python", "-m", "pipeline", "run", "jobs/demo.yaml",
         "--set", f"input.uri={tmp_path / 'in'}", "--set", f"output.uri={out}",
         "--set", f"model.base={base}", "--set", f"model.glimpse_modules={glimpse}", "--set", "sampling.max_new_tokens=3",
     ]
     deadline = time.monotonic() + 120  # the head's job agent can come up after its dashboard on a loaded machine
     while True:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
         if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
             break
         time.sleep(5)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "output: 4 rows (4 ok, 0 error)" in done.stdout and "this run: 4 rows computed" in done.stdout
+    assert "runtime_resources/pip" in done.stdout or "Runtime env is setting up" in done.stdout
     assert (out / "_SUCCESS").exists()
     rows = sum(pq.read_table(p).num_rows for p in out.glob("*.parquet"))
     assert rows == 4
