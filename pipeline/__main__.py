@@ -56,9 +56,17 @@ def run_command(job, dry_run: bool, log_path: str) -> int:
     try:
         if dry_run:
             # Resources first: sized on this machine (a local Ray is not started) or on the connected
-            # cluster; a request that can never run fails here as it would in the run.
+            # cluster; a request that can never run fails here as it would in the run. Then the model,
+            # the input, the output; each failure is one line.
+            from pipeline.preflight import estimate
+            from pipeline.run import check_model_paths, check_output
+
             resources = describe_resources(job)
-            print(json.dumps({**make_plan(job).describe(), "resources": resources}, indent=2))
+            models = check_model_paths(job)
+            plan = make_plan(job)
+            checks = {**models, "output.uri": check_output(job)}
+            print(json.dumps({**plan.describe(), "checks": checks, "estimate": estimate(job, plan), "resources": resources},
+                             indent=2))
             return EXIT_OK
         started = True
         summary = run_job(job)

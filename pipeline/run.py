@@ -106,22 +106,24 @@ def check_ownership(job: JobSpec) -> None:
                          f"(same location, or one inside the other): choose an output outside the input")
 
 
-def check_model_paths(job: JobSpec) -> None:
-    """Local model directories that are missing or hold no model fail here, in one line, instead of
-    in every actor after Ray has started (hub ids and object-store URLs are resolved by the actors)."""
-    wanted = [("model.base", job.model.base)]
-    if job.pruning.mode in ("glimpse", "fixed_ratio") and job.model.glimpse_modules:
-        wanted.append(("model.glimpse_modules", job.model.glimpse_modules))
-    for name, value in wanted:
-        if "://" in value:
-            continue
-        path = os.path.expanduser(value)
-        if not os.path.exists(path):
-            if value.startswith((".", "/", "~")):
-                raise RunRefused(f"{name} {value}: no such directory")
-            continue  # a hub id
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise RunRefused(f"{name} {value}: not a model directory (no config.json)")
+def check_model_paths(job: JobSpec) -> dict:
+    """The model and modules resolve and are what the job declares (`preflight.check_models`): one line
+    before Ray starts instead of a failure in every actor."""
+    from pipeline.preflight import PreflightError, check_models
+
+    try:
+        return check_models(job)
+    except PreflightError as exc:
+        raise RunRefused(str(exc)) from None
+
+
+def check_output(job: JobSpec) -> str:
+    from pipeline.preflight import PreflightError, check_output_writable
+
+    try:
+        return check_output_writable(job)
+    except PreflightError as exc:
+        raise RunRefused(str(exc)) from None
 
 
 def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:
@@ -406,6 +408,8 @@ def run_job(job: JobSpec, progress_stream=None) -> dict[str, Any]:
     check_model_paths(job)
     try:
         plan = make_plan(job)
+        if any(sp.pending for sp in plan.todo):
+            check_output(job)
     except (RunRefused, FileNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything before the first write: the run could not start
