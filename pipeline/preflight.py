@@ -203,7 +203,7 @@ def estimate(job: JobSpec, plan, sample_rows: int = 16) -> dict[str, Any]:
     for sp in plan.todo:
         if len(sizes) >= sample_rows:
             break
-        sizes.extend(_sample_image_sizes(job, sp.info.url, sample_rows - len(sizes)))
+        sizes.extend(_sample_image_sizes(job, sp, sample_rows - len(sizes)))
     per_row = None
     if sizes:
         tokens = []
@@ -237,19 +237,23 @@ def _expected_keep(job: JobSpec) -> Optional[float]:
     return getattr(p, "max_remain_ratio", None)  # glimpse: only its cap is known before the run
 
 
-def _sample_image_sizes(job: JobSpec, url: str, count: int) -> list:
+def _sample_image_sizes(job: JobSpec, sp, count: int) -> list:
     """Per sampled row, the (width, height) of each image, from the first rows of one shard (headers only)."""
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from pipeline import inputs
     from pipeline.images import ImageStageConfig, image_sources, load_source
 
     cols = job.input.columns
     config = ImageStageConfig.from_job(job)
     try:
-        fs, path = storage.pyarrow_filesystem(url, job.input.storage)
-        with fs.open_input_file(path) as fh:
-            table = pq.ParquetFile(fh).read_row_group(0, columns=[cols.image]).slice(0, count)
+        if sp.info.kind == "parquet":
+            fs, path = storage.pyarrow_filesystem(sp.info.url, job.input.storage)
+            with fs.open_input_file(path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(0, columns=[cols.image]).slice(0, count)
+        else:
+            table = next(inputs.read_unit_rows(dict(sp.units[0], wanted=None), cols, job.input.storage, count))
     except Exception:  # noqa: BLE001 - the plan already reported unreadable shards
         return []
     out = []

@@ -21,6 +21,7 @@ is (shard key, row index), which needs neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline import shards, state, storage, writer
+from pipeline import inputs, shards, state, storage, writer
 from pipeline.images import ImageStageConfig
 from pipeline.progress import Progress
 from pipeline.resources import READ_TASK_CPUS, WRITE_TASK_CPUS, ActorResources, Cluster, ResourceError
@@ -129,15 +130,28 @@ def check_output(job: JobSpec) -> str:
 def make_plan(job: JobSpec, block_rows: Optional[int] = None) -> Plan:
     """List, check and compare the input shards; no Ray, no writes."""
     check_ownership(job)
-    urls = storage.list_shards(job.input.uri, job.input.storage)
-    keys = writer.shard_keys(urls, job.input.uri)
+    fmt, files = inputs.list_input(job)
+    if fmt == "images":
+        if not job.input.prompt:
+            raise RunRefused(f"input.uri {redact_url(job.input.uri)} is a folder of images: set input.prompt (the question "
+                             "asked of every image)")
+        root = writer.input_root(job.input.uri, [f["url"] for f in files])
+        virtual = inputs.image_shards(job, files, root)
+        urls = [v.url for v in virtual]
+    else:
+        urls = [f["url"] for f in files]
+    keys = writer.shard_keys(urls, job.input.uri) if fmt != "images" else {
+        v.url: writer.shard_key(v.url, root) for v in virtual}
     settings = state.settings_fingerprint_fields(job)
     records = state.read_records(job.output)
     earlier = state.generation_to_continue(state.read_run_marker(job.output), settings)
     plan = Plan(settings=settings, generation=earlier or uuid.uuid4().hex[:12], continues=earlier is not None,
                 todo=[], keys=keys)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        inspected = list(pool.map(lambda u: _inspect(u, keys[u], job), urls))
+    if fmt == "images":
+        inspected = [dataclasses.replace(v, key=keys[v.url]) for v in virtual]
+    else:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            inspected = list(pool.map(lambda u: _inspect(u, keys[u], job, fmt), urls))
     budget = job.input.limit
     for url, result in zip(urls, inspected):
         if isinstance(result, str):
@@ -180,9 +194,11 @@ def _split_first_unit(plan: Plan, block_rows: int) -> None:
     first.units[0:1] = [dict(unit, wanted=rows[:block_rows]), dict(unit, wanted=rows[block_rows:])]
 
 
-def _inspect(url: str, key: str, job: JobSpec):
+def _inspect(url: str, key: str, job: JobSpec, fmt: str = "parquet"):
     try:
-        return shards.inspect_shard(url, key, job.input.columns, job.input.storage)
+        if fmt == "parquet":
+            return shards.inspect_shard(url, key, job.input.columns, job.input.storage)
+        return inputs.inspect_manifest(url, key, fmt, job.input.columns, job.input.storage)
     except shards.ShardProblem as exc:
         return str(exc)
 
@@ -211,10 +227,12 @@ def _units(sp: ShardPlan, durable: set, block_rows: int) -> list[dict]:
 
 
 def _unit(sp: ShardPlan, group: list, first: int, wanted: list) -> dict:
-    last_row = first + sum(sp.info.row_groups[i] for i in group)
+    last_row = min(first + sum(sp.info.row_groups[i] for i in group), sp.rows)
     complete = len(wanted) == last_row - first
-    return {"url": sp.info.url, "key": sp.info.key, "row_groups": list(group), "first_row": first,
-            "wanted": None if complete else wanted}
+    info = sp.info
+    return {"url": info.url, "key": info.key, "row_groups": list(group), "first_row": first,
+            "wanted": None if complete else wanted, "kind": info.kind, "rows": last_row - first,
+            "files": list(info.files[first:last_row]), "ids": list(info.ids[first:last_row])}
 
 
 # ---------------------------------------------------------------------------------------------------

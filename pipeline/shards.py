@@ -35,6 +35,9 @@ class ShardInfo:
     row_groups: tuple  # rows per row group, in file order
     size: Optional[int]
     version: Optional[str]  # etag (object stores) or mtime (local): changes when the content does
+    kind: str = "parquet"  # parquet, csv, jsonl or images (pipeline/inputs.py)
+    files: tuple = ()  # images: the files of this shard, one row each
+    ids: tuple = ()  # images: their ids (paths relative to the input root)
 
 
 class ShardProblem(ValueError):

@@ -477,6 +477,36 @@ def list_shards(url: str, storage: Optional[StorageOptions] = None, suffix: str 
     return sorted(to_url(scheme, p) for p in found)
 
 
+def list_files(url: str, storage: Optional[StorageOptions] = None) -> list[dict[str, Any]]:
+    """Every file under `url` (a directory/prefix, recursively; a single file; or a glob), sorted, with
+    `url`, `size` and `version` (etag/generation, or mtime) from the listing itself (one call, no stat
+    per file). Names starting with '_' or '.' are skipped. FileNotFoundError when the location does not exist."""
+    fs, path = fsspec_filesystem(url, storage)
+    scheme = split_url(url)[0]
+
+    def listing() -> dict:
+        fs.invalidate_cache()
+        if has_glob(url):
+            return {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") == "file"}
+        if fs.isdir(path):
+            return {p: i for p, i in fs.find(path, detail=True).items()
+                    if i.get("type") == "file" and not _is_hidden(p[len(path):])}
+        if fs.isfile(path):
+            return {path: fs.info(path)}
+        raise FileNotFoundError(f"{redact_url(url)}: no such file, directory or prefix")
+
+    found = _retried(url, storage, "list", listing)
+    out = []
+    for p in sorted(found):
+        if _is_hidden(posixpath.basename(p)):
+            continue
+        raw = found[p]
+        etag = raw.get("ETag") or raw.get("etag") or raw.get("md5Hash") or raw.get("generation")
+        version = str(etag).strip('"') if etag else (None if _mtime(raw) is None else repr(_mtime(raw)))
+        out.append({"url": to_url(scheme, p), "size": raw.get("size"), "version": version})
+    return out
+
+
 def glob(url: str, storage: Optional[StorageOptions] = None) -> list[str]:
     """Files matching a glob URL, sorted (empty list when none)."""
     fs, path = fsspec_filesystem(url, storage)

@@ -69,8 +69,10 @@ def shard_key(shard_url: str, root: str) -> str:
     """'s3://b/in/2024/part-0.parquet' under 's3://b/in' -> '2024__part-0'."""
     url, root = storage.normalize_url(shard_url), storage.normalize_url(root).rstrip("/")
     relative = url[len(root) + 1:] if url.startswith(root + "/") else posixpath.basename(url)
-    if relative.endswith(".parquet"):
-        relative = relative[: -len(".parquet")]
+    for suffix in (".parquet", ".csv", ".jsonl", ".ndjson", ".json"):
+        if relative.endswith(suffix):
+            relative = relative[: -len(suffix)]
+            break
     key = _UNSAFE.sub("_", relative.replace("/", "__")).strip("._") or "shard"
     return key
 

@@ -179,16 +179,22 @@ class InputColumns(StrictModel):
 
 
 class InputSpec(StrictModel):
-    """Where the input Parquet shards are and how to read them."""
+    """Where the input is (Parquet shards, CSV/JSONL manifests or image files) and how to read it."""
 
     uri: NonEmptyStr = Field(
-        description="Parquet shards: a directory/prefix, a single file or a glob, on any fsspec URL "
-        "(s3://, gs://, file://) or a plain local path.",
+        description="The input: a directory/prefix, a single file or a glob, on any fsspec URL "
+        "(s3://, gs://, http(s)://, file://) or a plain local path; see format.",
     )
     storage: StorageOptions = Field(
         default_factory=StorageOptions,
         description="Object-store options for the input shards and for images referenced by URL.",
     )
+    format: Literal["auto", "parquet", "csv", "jsonl", "images"] = Field(
+        "auto", description="What the input is: Parquet shards, CSV or JSON Lines manifests (image paths/URLs + "
+        "questions), or a folder/glob of image files (one row per image, id = its relative path, question = "
+        "input.prompt). auto: from the URI's suffix, else from what the folder holds (Parquet first).")
+    images_per_shard: int = Field(1000, ge=1, le=1_000_000, description="format images: files per shard (a shard is a "
+                                  "folder's files, sorted, in parts of this many; the unit of commit and of skip_existing).")
     columns: InputColumns = Field(default_factory=InputColumns, description="Input column names.")
     prompt: Optional[NonEmptyStr] = Field(
         None,
@@ -201,6 +207,8 @@ class InputSpec(StrictModel):
     def _has_a_prompt_source(self) -> "InputSpec":
         if self.columns.question is None and (self.prompt is None or not self.prompt.strip()):
             raise FieldRuleError("prompt", "required when columns.question is null (captioning jobs)")
+        if self.format == "images" and not self.prompt:
+            raise FieldRuleError("prompt", "required with format images (image files carry no question)")
         return self
 
 

@@ -64,7 +64,7 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
-    """Exactly the README's command, from the repo root: `ray job submit --runtime-env jobs/runtime_env.yaml
+    """Exactly the README's command, from the repo root: `ray job submit --runtime-env jobs/cluster/runtime_env.yaml
     -- python -m pipeline run ...`. The entrypoint's plain `python` is the runtime env's virtualenv (on
     this machine's PATH, `python` has no pyarrow: without the runtime env the job fails on the import)."""
     address, env = ray_head
@@ -72,7 +72,7 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
     write_shards(WorldConfig(seed=9, max_objects=3), 4, tmp_path / "in", rows_per_shard=2)
     out = tmp_path / "out"
     cmd = [
-        RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml", "--",
+        RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/cluster/runtime_env.yaml", "--",
         "python", "-m", "pipeline", "run", "jobs/demo.yaml",
         "--set", f"input.uri={tmp_path / 'in'}", "--set", f"output.uri={out}",
         "--set", f"model.base={base}", "--set", f"model.glimpse_modules={glimpse}", "--set", "sampling.max_new_tokens=3",

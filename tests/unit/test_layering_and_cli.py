@@ -50,13 +50,13 @@ def test_workers_and_schemas_never_import_pipeline():
 
 
 def test_the_cluster_runtime_env_pins_what_the_project_needs():
-    """jobs/runtime_env.yaml (the `ray job submit --runtime-env` file) lists pyproject's dependencies but Ray."""
+    """jobs/cluster/runtime_env.yaml (the `ray job submit --runtime-env` file) lists pyproject's dependencies but Ray."""
     import tomllib
 
     import yaml
 
     repo = Path(__file__).resolve().parents[2]
     deps = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
-    env = yaml.safe_load((repo / "jobs" / "runtime_env.yaml").read_text())
+    env = yaml.safe_load((repo / "jobs" / "cluster" / "runtime_env.yaml").read_text())
     assert env["pip"]["packages"] == [d for d in deps if not d.startswith("ray")]
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
