@@ -312,25 +312,19 @@ def build_dataset(job: JobSpec, plan: Plan, run_id: str, actors: ActorResources)
     """The Ray Data plan (lazy): read -> image stage -> model (`actors` sizes its pool) -> staged parts."""
     import ray
 
-    from workers.generate import GlimpseUDF
+    from pipeline.stages import model_stage
 
     units = [u for sp in plan.todo for u in sp.units]
     env = credential_env(job)
     block_rows = _block_rows(job)
     read = ReadContext(image=ImageStageConfig.from_job(job), storage=job.input.storage, block_rows=block_rows, env=env)
     parts = writer.PartContext(output=job.output, run_id=run_id, fingerprints={sp.info.key: sp.fingerprint for sp in plan.todo})
-    r = job.resources
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # The memory reservation (besides sizing decode tasks) keeps Ray from fusing the read stage into
     # the model actors: fused, image decoding would run serially with the model.
     ds = ds.map_batches(read_stage, fn_kwargs={"context": read}, batch_size=1, batch_format="pyarrow",
                         num_cpus=READ_TASK_CPUS, memory=READ_TASK_MEMORY)
-    ds = ds.map_batches(
-        GlimpseUDF, fn_constructor_kwargs={"job": job, "env": env}, batch_format="pyarrow", batch_size=block_rows,
-        compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
-                                           max_tasks_in_flight_per_actor=r.blocks_ahead_per_actor),
-        num_gpus=actors.num_gpus, num_cpus=actors.num_cpus,
-    )
+    ds = model_stage(ds, job, actors, env, block_rows)
     return ds.map_batches(write_stage, fn_kwargs={"context": parts, "env": env}, batch_size=None,
                           batch_format="pyarrow", num_cpus=WRITE_TASK_CPUS)
 

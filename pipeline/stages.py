@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import inputs, shards, writer
 from pipeline.images import ImageStageConfig, decode_batch
-from schemas.job import StorageOptions
+from schemas.job import JobSpec, StorageOptions
 from schemas.rows import (
     IMAGE_TOKENS_COLUMN,
     IMAGES_COLUMN,
@@ -100,3 +100,17 @@ def to_block(block: pa.Table, config: ImageStageConfig) -> pa.Table:
 def write_stage(batch: pa.Table, context: writer.PartContext, env: Mapping[str, str]) -> pa.Table:
     with_env(env)
     return writer.write_parts(batch, context)
+
+
+def model_stage(ds, job: JobSpec, actors, env: Mapping[str, str], block_rows: int):
+    """The GlimpseUDF actor pool over blocks in `BLOCK_SCHEMA` (the CLI's plan and `pipeline.api.annotate`)."""
+    import ray
+
+    from workers.generate import GlimpseUDF
+
+    return ds.map_batches(
+        GlimpseUDF, fn_constructor_kwargs={"job": job, "env": dict(env)}, batch_format="pyarrow", batch_size=block_rows,
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
+                                           max_tasks_in_flight_per_actor=job.resources.blocks_ahead_per_actor),
+        num_gpus=actors.num_gpus, num_cpus=actors.num_cpus,
+    )
