@@ -42,6 +42,9 @@ OUTPUT_SCHEMA = pa.schema(
         _field("kept_tokens", pa.int32(), "Visual tokens kept after pruning, all images."),
         _field("keep_ratio", pa.float64(), "kept_tokens / visual_tokens; null when not computed."),
         _field("kept_per_image", pa.list_(pa.int32()), "Kept visual tokens per image, in image order."),
+        _field("kept_mask", pa.binary(), "Which visual tokens were kept: one bit per token over all the row's images in "
+               "token order (raster order of each image's merged grid), first token in the highest bit of the first "
+               "byte (numpy.unpackbits(..)[:visual_tokens]); null when not pruned."),
         _field("prompt_tokens", pa.int32(), "Prompt tokens before pruning (text + all visual tokens); after pruning: prompt_tokens - visual_tokens + kept_tokens."),
         _field("output_tokens", pa.int32(), "Generated tokens."),
         _field("finish_reason", pa.string(), "'stop' (end of sequence) or 'length' (max_new_tokens)."),
@@ -107,7 +110,7 @@ def fixed_defaults() -> dict[str, Any]:
     """Default value of every fixed output column (fresh objects each call)."""
     return {
         "answer": None, "status": STATUS_ERROR, "error": None,
-        "visual_tokens": 0, "kept_tokens": 0, "keep_ratio": None, "kept_per_image": [],
+        "visual_tokens": 0, "kept_tokens": 0, "keep_ratio": None, "kept_per_image": [], "kept_mask": None,
         "prompt_tokens": 0, "output_tokens": 0, "finish_reason": None,
         "image_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "pad_fraction": None, "decode_rows": None, "kv_use": None, "prefill_work_ratio": None,
         "model": None, "glimpse_modules": None, "pruning": None,

@@ -163,16 +163,27 @@ def evaluate_batch(settings: dict, items: Sequence[EvalItem], first: int, cfg: C
         if prefill is not None:  # the static engine gives each row its batch's prefill seconds
             prefill[name] = prefill.get(name, 0.0) + res[0].prefill_s
         results[name] = res
-    return [record(it, {name: res[i] for name, res in results.items()}) for i, it in enumerate(items)]
+    work = {name: _work(settings[name]) for name in results}
+    return [record(it, {name: res[i] for name, res in results.items()}, work) for i, it in enumerate(items)]
 
 
-def record(item: EvalItem, results: dict) -> dict:
+def _work(setting):
+    """res -> predicted decoder prefill work over unpruned (the engine's pruning schedule: a multi-stage
+    strategy's earlier layers see more than its final budget)."""
+    engine, kind = setting
+    if kind == "plain":
+        return lambda res: 1.0
+    return lambda res: engine.prefill_work_ratio(res.prompt_tokens, res.visual_tokens, res.kept_tokens, masks=kind == "masks")
+
+
+def record(item: EvalItem, results: dict, work: Optional[dict] = None) -> dict:
     from workers.metrics import score
 
     out = {"id": item.id, "task": item.task, "metric": item.metric, "refs": list(item.refs)}
     for name, res in results.items():
         out[name] = {"text": res.text, "score": score(item.metric, res.text, item.refs), "keep_ratio": res.keep_ratio,
-                     "kv_tokens": res.prompt_tokens - res.visual_tokens + res.kept_tokens}
+                     "kv_tokens": res.prompt_tokens - res.visual_tokens + res.kept_tokens,
+                     "prefill_work": work[name](res) if work else None}
     return out
 
 
@@ -293,6 +304,7 @@ def summarise(records: Sequence[dict], settings: Sequence[str], seconds: dict, c
             "keep_ratio": _mean(r[name]["keep_ratio"] for r in records),
             "prefill_ms": 1000 * prefill[name] / len(records) if prefill and name in prefill else None,
             "kv_tokens": _mean(r[name]["kv_tokens"] for r in records),
+            "prefill_work": _mean(r[name]["prefill_work"] for r in records if r[name].get("prefill_work") is not None),
             "rows_per_s": len(records) / seconds[name] if seconds.get(name) else None,
             "vs_unpruned": paired_bootstrap([r[name]["score"] for r in records], [r["unpruned"]["score"] for r in records],
                                             cfg.bootstrap, cfg.random_seed),
@@ -328,14 +340,19 @@ def render_markdown(summary: dict, meta: dict) -> str:
              f"{meta['device']}, {meta['threads']} thread(s); {meta['seconds']:.0f} s in all. Explicit masks (oracle, "
              f"anti_*, no_visual) prune after layer {meta['masks_layer']}.\n",
              f"Score per row by its task's metric ({metrics}); `rel.` = over unpruned. Differences are in points with "
-             + summary["intervals"] + ". KV tokens: the cache length per layer after prefill (text + kept visual). "
-             "Prefill ms and rows/s: that setting's batches alone, wall clock, on the same rows.\n"]
-    head = ["setting", "keep", "score", "rel."] + q + ["prefill ms/row", "KV tok/row", "rows/s", "vs unpruned", "vs glimpse@r"]
+             + summary["intervals"] + ". `keep`: visual tokens left after the (last) pruning point; `prefill work`: "
+             "the predicted decoder prefill token-layers over unpruned (layers before a pruning point run on more "
+             "tokens: FastV/DART/glimpse prune after a layer, PDrop in stages). KV tokens: the cache length per layer "
+             "after prefill (text + kept visual). Prefill ms and rows/s: that setting's batches alone, wall clock, on "
+             "the same rows.\n"]
+    head = ["setting", "keep", "score", "rel."] + q + ["prefill work", "prefill ms/row", "KV tok/row", "rows/s", "vs unpruned",
+                                                       "vs glimpse@r"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in summary["settings"].items():
         cells = [name, _f(e["keep_ratio"], True), _f(e["score"]["all"]), _f(e["relative"]["all"], True)]
         cells += [_f(e["score"][k]) for k in q]
-        cells += [_f(e["prefill_ms"], digits=1), _f(e["kv_tokens"], digits=1), _f(e["rows_per_s"], digits=1),
+        cells += [_f(e.get("prefill_work"), digits=2), _f(e["prefill_ms"], digits=1), _f(e["kv_tokens"], digits=1),
+                  _f(e["rows_per_s"], digits=1),
                   _diff(e["vs_unpruned"]), _diff(e.get("vs_glimpse_same_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

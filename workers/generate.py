@@ -38,7 +38,7 @@ from schemas.rows import (IMAGES_COLUMN, KEY_COLUMN, PROMPT_COLUMN, PRUNE_COLUMN
 from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
-MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "prompt_tokens", "output_tokens",
+MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "kept_mask", "prompt_tokens", "output_tokens",
                  "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use", "prefill_work_ratio")
 
 
@@ -135,7 +135,7 @@ class GlimpseUDF:
             run = lambda ids: self.engine.generate_from_rows(  # noqa: E731
                 [glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids], row_seeds=[requests[i].seed for i in ids],
                 limits=[requests[i].max_new_tokens or (requests[i].sampling or self.sampling).max_new_tokens for i in ids],
-                row_params=[requests[i].sampling for i in ids])
+                row_params=[requests[i].sampling for i in ids], return_masks=True)
         else:
             lengths = raw
             run = lambda ids: self.engine.generate([requests[i] for i in ids], self.sampling)  # noqa: E731
@@ -149,16 +149,9 @@ class GlimpseUDF:
 
     def _assemble(self, batch, rows, out) -> pa.Table:
         if self.engine.prunes:
-            layers, stages = len(self.engine.core.lm.layers), self.engine.prune_layers()
-            strategy = self.engine.strategy
             for o in out:
                 if o.get("kept_tokens") is not None and o.get("prompt_tokens"):
-                    if strategy is None:  # GlimpsePrune: one more token (the glimpse) up to its layer
-                        kept = [o["kept_tokens"]]
-                    else:
-                        kept = strategy.stage_budgets(o["visual_tokens"], o["kept_tokens"], layers)
-                    o["prefill_work_ratio"] = prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], kept, layers, stages,
-                                                                 extra=1 if strategy is None else 0)
+                    o["prefill_work_ratio"] = self.engine.prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"])
         return _assemble(batch, rows, out)
 
     def _continuous(self, todo: list, requests: dict, out: list) -> None:
@@ -177,11 +170,11 @@ class GlimpseUDF:
                 self._guarded([i], out, lambda i=i: [self._schedule_one(requests[i])])
 
     def _schedule(self, members: list, requests: dict, out: list) -> None:
-        for k, res in self.scheduler.run([requests[i] for i in members], self.sampling):
+        for k, res in self.scheduler.run([requests[i] for i in members], self.sampling, return_masks=True):
             out[members[k]] = _model_values(res)
 
     def _schedule_one(self, request):
-        return next(iter(self.scheduler.run([request], self.sampling)))[1]
+        return next(iter(self.scheduler.run([request], self.sampling, return_masks=True)))[1]
 
     def _pack(self, lengths: list, budget: int, extra: int = 0) -> list:
         """The batching policy (overridable, e.g. by the benchmark's fixed-row baseline)."""
@@ -257,22 +250,6 @@ def _prune_seed(row: dict):
     return zlib.crc32(f"{row[KEY_COLUMN]}:{row.get(ROW_COLUMN)}".encode())
 
 
-def prefill_work_ratio(prompt: int, visual: int, kept, layers: int, k, extra: int = 1) -> float:
-    """Decoder prefill token-layers pruned / unpruned for one row (schemas.rows: prefill_work_ratio).
-
-    k: the pruning layer, or the layers of several stages (ascending, -1 = before the LLM); kept: the
-    visual tokens left after it (or after each stage); extra: tokens added up to the first pruning
-    layer (1: GlimpsePrune's glimpse). One stage gives ((K+1)(T+N+extra) + (L-K-1)(T+kept)) / (L(T+N))."""
-    stages = [k] if isinstance(k, int) else list(k)
-    kept = [kept] if isinstance(kept, int) else list(kept)
-    text, work, start, width = prompt - visual, 0, 0, prompt + extra
-    for layer, left in zip(stages, kept):
-        work += (layer + 1 - start) * width
-        start, width = layer + 1, text + left
-    work += (layers - start) * width
-    return work / (layers * prompt)
-
-
 def _fatal(exc: Exception) -> bool:
     return "CUDA" in str(exc) or type(exc).__name__ == "OutOfMemoryError"
 
@@ -286,8 +263,17 @@ def _model_values(res, pad_fraction_value=None) -> dict:
         "output_tokens": res.output_tokens, "finish_reason": res.finish_reason,
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "visual_tokens": res.visual_tokens,
         "pad_fraction": extra.get("pad_fraction", pad_fraction_value), "decode_rows": extra.get("decode_rows"),
-        "kv_use": extra.get("kv_use"),
+        "kv_use": extra.get("kv_use"), "kept_mask": pack_mask(res.keep_mask),
     }
+
+
+def pack_mask(mask) -> "bytes | None":
+    """A keep mask [N_v] as bytes, 8 tokens per byte, first token in the highest bit (numpy.packbits)."""
+    if mask is None:
+        return None
+    import numpy as np
+
+    return np.packbits(np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool)).tobytes()
 
 
 def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
@@ -300,7 +286,7 @@ def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
     types = {"kept_tokens": pa.int32(), "prompt_tokens": pa.int32(), "output_tokens": pa.int32(), "keep_ratio": pa.float64(),
              "prefill_s": pa.float64(), "decode_s": pa.float64(), "pad_fraction": pa.float64(),
              "decode_rows": pa.float64(), "kv_use": pa.float64(), "prefill_work_ratio": pa.float64(),
-             "kept_per_image": pa.list_(pa.int32()), "answer": pa.string(), "finish_reason": pa.string()}
+             "kept_per_image": pa.list_(pa.int32()), "kept_mask": pa.binary(), "answer": pa.string(), "finish_reason": pa.string()}
     for name in MODEL_COLUMNS:
         table = table.append_column(name, pa.array([o.get(name) for o in out], types[name]))
     return table

@@ -68,6 +68,9 @@ def test_a_parquet_set_runs_every_setting_on_the_same_rows(tiny_model, tiny_proc
         assert r["anti_glimpse"]["kv_tokens"] == r["glimpse"]["kv_tokens"]  # the same count, other tokens
     e = summary["settings"]["fastv@0.5"]
     assert e["vs_glimpse_same_ratio"]["n"] == 5 and e["rows_per_s"] > 0 and e["prefill_ms"] > 0
+    assert summary["settings"]["unpruned"]["prefill_work"] == 1.0 and 0 < e["prefill_work"] < 1
+    # visionzip prunes before the LLM, fastv after layer 1: at the same budget fastv does more prefill work
+    assert summary["settings"]["visionzip@0.5"]["prefill_work"] < e["prefill_work"]
 
 
 def test_anti_glimpse_keeps_the_lowest_ranked_tokens():

@@ -84,7 +84,7 @@ def test_stage_model_and_stats_count_the_same_tokens(mode):
     if mode == "none":
         assert prediction is None and all(r["prefill_work_ratio"] is None for r in rows.values())
     else:
-        from workers.generate import prefill_work_ratio
+        from workers.modeling.engine import prefill_work_ratio
 
         layers, k = 8, 1  # the v2 small model: 8 text layers, pruned after layer 1
         for r in rows.values():
@@ -98,7 +98,7 @@ def test_stage_model_and_stats_count_the_same_tokens(mode):
 
 
 def test_prefill_work_ratio_bounds():
-    from workers.generate import prefill_work_ratio
+    from workers.modeling.engine import prefill_work_ratio
 
     assert prefill_work_ratio(100, 80, 80, 28, 18) > 1.0  # nothing dropped: the glimpse token costs
     assert prefill_work_ratio(100, 80, 0, 28, 18) == pytest.approx((19 * 101 + 9 * 20) / 2800)

@@ -69,6 +69,19 @@ class GlimpseEngine:
             return self.strategy.stages(len(self.core.lm.layers))
         return [self.modules.config.reduce_layer]
 
+    def prefill_work_ratio(self, prompt: int, visual: int, kept: int, masks: bool = False) -> float:
+        """Predicted decoder prefill work pruned / unpruned for one row (schemas.rows: prefill_work_ratio):
+        its token-layers with this engine's pruning schedule (a strategy's stages and their budgets, or
+        GlimpsePrune's layer with its one glimpse token; masks: explicit keep masks at the modules'
+        layer, no glimpse token) over all tokens at every layer."""
+        layers = len(self.core.lm.layers)
+        if not self.prunes:
+            return 1.0
+        if self.strategy is not None:
+            return prefill_work_ratio(prompt, visual, self.strategy.stage_budgets(visual, kept, layers),
+                                      layers, self.prune_layers(), extra=0)
+        return prefill_work_ratio(prompt, visual, [kept], layers, self.prune_layers(), extra=0 if masks else 1)
+
     # ---- requests -> processed inputs -------------------------------------------------------
     def build_inputs(self, requests: Sequence[GenerationRequest]) -> ModelInputs:
         texts, images = [], []
@@ -367,3 +380,19 @@ def check_visual_tokens(requests: Sequence[GenerationRequest], per_sample: list)
             sizes = ", ".join(f"{im.width}x{im.height}" for im in req.images)
             raise ValueError(f"the image processor made {sum(counts)} visual tokens of image(s) {sizes} that were sized to "
                              f"{req.visual_tokens}: its resize bounds differ from the job's image.min_pixels/max_pixels")
+
+
+def prefill_work_ratio(prompt: int, visual: int, kept, layers: int, k, extra: int = 1) -> float:
+    """Decoder prefill token-layers pruned / unpruned for one row.
+
+    k: the pruning layer, or the layers of several stages (ascending, -1 = before the LLM); kept: the
+    visual tokens left after it (or after each stage); extra: tokens added up to the first pruning
+    layer (1: GlimpsePrune's glimpse). One stage gives ((K+1)(T+N+extra) + (L-K-1)(T+kept)) / (L(T+N))."""
+    stages = [k] if isinstance(k, int) else list(k)
+    kept = [kept] if isinstance(kept, int) else list(kept)
+    text, work, start, width = prompt - visual, 0, 0, prompt + extra
+    for layer, left in zip(stages, kept):
+        work += (layer + 1 - start) * width
+        start, width = layer + 1, text + left
+    work += (layers - start) * width
+    return work / (layers * prompt)
