@@ -149,6 +149,8 @@ def print_summary(summary: dict) -> None:
     for failed in summary.get("shards_incomplete", []):
         print(f"shard incomplete: {failed['shard']}: {failed['error']}")
     print(f"summary: {summary['summary_url']}")
+    if summary.get("report_url"):
+        print(f"report: {summary['report_url']}")
     if summary.get("success_url"):
         print(f"output: {summary['summary_url'].rsplit('/', 1)[0]}")
 

@@ -627,6 +627,10 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
                     "unpruned model's (visual tokens are %.0f%% of the prompt); its glimpse pass may cost more than it saves",
                     prediction["prefill_work_ratio"], prediction["kv_cache_ratio"], 100 * prediction["visual_share_of_prompt"])
     summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
+    if job.output.report and not interrupted:
+        from pipeline import report
+
+        summary["report_url"] = report.write(job, plan, summary, progress.timeline)
     summary["summary_url"] = writer.write_summary(job.output, summary)
     complete = not plan.bad and not incomplete and not interrupted and all(
         records.get(k, {}).get("complete") for k in listed)

@@ -225,6 +225,8 @@ class OutputSpec(StrictModel):
         description="overwrite: clear previous outputs first; skip_existing: keep shards that already "
         "have a completion marker and process only new ones.",
     )
+    report: bool = Field(True, description="Write the run report (_report/report.md with PNGs: keep ratios, throughput, "
+                         "errors, kept tokens on sample rows) next to the output at the end of a run.")
 
 
 # ---------------------------------------------------------------------------------------------------

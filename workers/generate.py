@@ -98,6 +98,7 @@ class GlimpseUDF:
         _match_resize(self.engine.processor, job.image.min_pixels, job.image.max_pixels)
         self.engine.system_prompt, self.engine.chat_template = job.chat.system, job.chat.template
         self.engine.check_chat_template()  # a broken template fails here, in one line
+        self.metrics = RowMetrics.create(job.name or "job")
         self.sampling = SamplingParams(**job.sampling.model_dump(exclude={"stop"}), stop=tuple(job.sampling.stop))
         self.scheduler = self._scheduler() if job.batching.scheduler == "continuous" else None
         log.info("model stage ready in %.1f s (%s, pruning %s)", time.perf_counter() - started, m.base, job.pruning.mode)
@@ -152,7 +153,10 @@ class GlimpseUDF:
             for o in out:
                 if o.get("kept_tokens") is not None and o.get("prompt_tokens"):
                     o["prefill_work_ratio"] = self.engine.prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"])
-        return _assemble(batch, rows, out)
+        table = _assemble(batch, rows, out)
+        if self.metrics is not None:
+            self.metrics.record(table)
+        return table
 
     def _continuous(self, todo: list, requests: dict, out: list) -> None:
         """All of the batch's rows through the continuous scheduler. If a chunk fails (e.g. an image the
@@ -265,6 +269,46 @@ def _model_values(res, pad_fraction_value=None) -> dict:
         "pad_fraction": extra.get("pad_fraction", pad_fraction_value), "decode_rows": extra.get("decode_rows"),
         "kv_use": extra.get("kv_use"), "kept_mask": pack_mask(res.keep_mask),
     }
+
+
+class RowMetrics:
+    """Counters on the Ray dashboard / Prometheus (`ray.util.metrics`), tagged with the job's name:
+    glimpse_batch_rows (by status), glimpse_batch_visual_tokens, glimpse_batch_kept_tokens,
+    glimpse_batch_output_tokens. Only inside a Ray worker (None elsewhere)."""
+
+    def __init__(self, job: str):
+        from ray.util.metrics import Counter
+
+        tags = ("job",)
+        self.tags = {"job": job}
+        self.rows = Counter("glimpse_batch_rows", description="Rows through the model stage, by status.", tag_keys=tags + ("status",))
+        self.visual = Counter("glimpse_batch_visual_tokens", description="Visual tokens before pruning (ok rows).", tag_keys=tags)
+        self.kept = Counter("glimpse_batch_kept_tokens", description="Visual tokens kept after pruning (ok rows).", tag_keys=tags)
+        self.output = Counter("glimpse_batch_output_tokens", description="Generated tokens (ok rows).", tag_keys=tags)
+
+    @classmethod
+    def create(cls, job: str) -> "RowMetrics | None":
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return None
+        return cls(job)
+
+    def record(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        ok = pc.equal(table.column("status"), STATUS_OK)
+        n_ok = int(pc.sum(ok).as_py() or 0)
+        if n_ok:
+            self.rows.inc(n_ok, tags={**self.tags, "status": STATUS_OK})
+        if table.num_rows - n_ok:
+            self.rows.inc(table.num_rows - n_ok, tags={**self.tags, "status": STATUS_ERROR})
+        done = table.filter(ok)
+        for counter, name in ((self.visual, "visual_tokens"), (self.kept, "kept_tokens"), (self.output, "output_tokens")):
+            total = int(pc.sum(done.column(name)).as_py() or 0)
+            if total:
+                counter.inc(total, tags=self.tags)
 
 
 def pack_mask(mask) -> "bytes | None":

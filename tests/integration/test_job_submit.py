@@ -32,8 +32,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_metrics_report_interval_ms="500")
+    port, dash, agent, agent_grpc, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayt{os.getpid()}"  # short: unix socket paths are limited to 107 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
@@ -41,7 +41,7 @@ def ray_head(tmp_path):
          # Own agent ports: the test session's ray.init runtime already holds the default agent port
          # (52365), and an agent that cannot bind it leaves the head with no agent to take jobs.
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         "--disable-usage-stats"],
+         f"--metrics-export-port={metrics}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -55,7 +55,7 @@ def ray_head(tmp_path):
                 out = head.stdout.read().decode(errors="replace") if head.stdout else ""
                 pytest.fail(f"ray head did not come up: {out[-2000:]}")
             time.sleep(1)
-    yield address, env
+    yield address, env, metrics
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
@@ -67,7 +67,7 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
     """Exactly the README's command, from the repo root: `ray job submit --runtime-env jobs/cluster/runtime_env.yaml
     -- python -m pipeline run ...`. The entrypoint's plain `python` is the runtime env's virtualenv (on
     this machine's PATH, `python` has no pyarrow: without the runtime env the job fails on the import)."""
-    address, env = ray_head
+    address, env, metrics = ray_head
     base, glimpse = model_dirs
     write_shards(WorldConfig(seed=9, max_objects=3), 4, tmp_path / "in", rows_per_shard=2)
     out = tmp_path / "out"
@@ -89,3 +89,15 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path, ray_head, model_dirs):
     assert (out / "_SUCCESS").exists()
     rows = sum(pq.read_table(p).num_rows for p in out.glob("*.parquet"))
     assert rows == 4
+    # The model stage's counters reach the cluster's Prometheus endpoint (what the Ray dashboard shows).
+    seen, ok_rows, deadline = "", 0.0, time.monotonic() + 60
+    while time.monotonic() < deadline and ok_rows < 4:
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                seen = "\n".join(line for line in r.read().decode().splitlines() if "glimpse_batch_rows" in line)
+        except OSError:
+            pass
+        ok_rows = sum(float(line.rsplit(" ", 1)[1]) for line in seen.splitlines()
+                      if not line.startswith("#") and 'status="ok"' in line and 'job="demo"' in line)
+        time.sleep(2)
+    assert ok_rows == 4, seen
