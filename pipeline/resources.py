@@ -46,6 +46,7 @@ class ResourceError(ValueError):
 class Node:
     cpus: float
     gpus: float = 0.0
+    accelerators: tuple = ()  # Ray's accelerator_type:X resources of the node (X)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class ActorResources:
 def cluster_from_ray_nodes(nodes: Iterable[dict]) -> Cluster:
     """`ray.nodes()` -> Cluster (alive nodes only, their total, not currently free, resources)."""
     alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
-    return Cluster(tuple(Node(float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0)))
+    return Cluster(tuple(Node(float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0)),
+                              tuple(sorted(k.split(":", 1)[1] for k in n.get("Resources", {}) if k.startswith("accelerator_type:"))))
                          for n in alive), "the Ray cluster")
 
 
@@ -110,6 +112,13 @@ def resolve(spec: ResourcesSpec, device: str, cluster: Cluster) -> ActorResource
     """The actor pool's numbers for `spec` on `cluster` (see the module docstring), or ResourceError."""
     if not cluster.nodes:
         raise ResourceError(f"resources: {cluster.where} has no alive node")
+    if spec.accelerator_type:
+        nodes = tuple(n for n in cluster.nodes if spec.accelerator_type in n.accelerators)
+        if not nodes:
+            found = sorted({a for n in cluster.nodes for a in n.accelerators})
+            raise ResourceError(f"resources.accelerator_type: no node of {cluster.where} has a {spec.accelerator_type} "
+                                f"(it has {', '.join(found) or 'no accelerator type'})")
+        cluster = Cluster(nodes, f"{cluster.where}'s {spec.accelerator_type} nodes")
     gpus = _gpus_per_actor(spec, device, cluster)
     gpu_slots = sum(math.floor(n.gpus / gpus + _EPS) for n in cluster.nodes) if gpus else None
     if spec.max_actors != "auto":

@@ -113,4 +113,5 @@ def model_stage(ds, job: JobSpec, actors, env: Mapping[str, str], block_rows: in
         compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
                                            max_tasks_in_flight_per_actor=job.resources.blocks_ahead_per_actor),
         num_gpus=actors.num_gpus, num_cpus=actors.num_cpus,
+        **({"accelerator_type": job.resources.accelerator_type} if job.resources.accelerator_type else {}),
     )

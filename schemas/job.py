@@ -520,6 +520,9 @@ class ResourcesSpec(StrictModel):
         description="Seconds the run waits for its first min_actors model actors (model download and load "
         "included) before it fails with one line; reads start once they are up.",
     )
+    accelerator_type: Optional[NonEmptyStr] = Field(
+        None, description="Run the model actors only on nodes with this accelerator (Ray's accelerator_type, e.g. "
+        "H100, A100, L4); None = any. A cluster with no such node is refused in one line.")
 
     @field_validator("max_actors", "num_gpus_per_actor", "num_cpus_per_actor", mode="before")
     @classmethod

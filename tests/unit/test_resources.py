@@ -229,3 +229,13 @@ def test_dry_run_reports_the_resolved_actors(tmp_path):
     resources = json.loads(result.stdout)["resources"]
     assert resources["num_gpus_per_actor"] == 0 and resources["num_cpus_per_actor"] == 1 and resources["max_actors"] == 1
     assert resources["resolved_against"].startswith("this machine")
+
+
+def test_accelerator_type_picks_its_nodes_or_is_refused():
+    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 8, "accelerator_type:H100": 1}},
+             {"Alive": True, "Resources": {"CPU": 16, "GPU": 4, "accelerator_type:L4": 1}}]
+    cluster = cluster_from_ray_nodes(nodes)
+    assert resolve(spec(accelerator_type="H100"), "auto", cluster) == ActorResources(1, 8, 1.0, 1.0)
+    assert resolve(spec(accelerator_type="L4"), "auto", cluster).max_actors == 4
+    with pytest.raises(ResourceError, match=r"resources.accelerator_type: no node of the Ray cluster has a A100 \(it has H100, L4\)"):
+        resolve(spec(accelerator_type="A100"), "auto", cluster)
