@@ -359,18 +359,13 @@ def render_markdown(summary: dict, meta: dict) -> str:
 
 
 def write_plot(summary: dict, path: Path, title: str) -> Optional[Path]:
-    try:
-        import matplotlib
+    from workers.training.eval_report import panel_grid
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no %s", path)
-        return None
     panels = ["all"] + summary["tasks"]
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.6 * rows), squeeze=False)
+    grid = panel_grid(len(panels), 3, (4.4, 3.6), path)
+    if grid is None:
+        return None
+    plt, fig, axes = grid
     lines: dict = {}
     for name, e in summary["settings"].items():
         strategy, _, ratio = name.partition("@")

@@ -102,15 +102,19 @@ def _eager_last_token_attention(tiny_model, tiny_processor, req, layer):
     return att[inputs.input_ids[0] == tiny_model.config.image_token_id]
 
 
+def _assert_keeps_top_k(engine, reqs, reference):
+    """Each request's keep mask is exactly the top kept_tokens of reference(req)."""
+    for req in reqs:
+        res = engine.generate([req], SamplingParams(max_new_tokens=1), return_masks=True)[0]
+        expected = torch.zeros_like(res.keep_mask)
+        expected[torch.topk(reference(req), res.kept_tokens).indices] = True
+        assert torch.equal(res.keep_mask, expected)
+
+
 @pytest.mark.parametrize("layer", [0, 2])
 def test_fastv_keeps_the_top_k_of_full_eager_attention(tiny_model, tiny_processor, layer):
     engine = engine_for(tiny_model, tiny_processor, FastVStrategy(layer=layer), ratio=0.25)
-    for req in requests(3):
-        res = engine.generate([req], SamplingParams(max_new_tokens=1), return_masks=True)[0]
-        ref = _eager_last_token_attention(tiny_model, tiny_processor, req, layer)
-        expected = torch.zeros_like(res.keep_mask)
-        expected[torch.topk(ref, res.kept_tokens).indices] = True
-        assert torch.equal(res.keep_mask, expected)
+    _assert_keeps_top_k(engine, requests(3), lambda req: _eager_last_token_attention(tiny_model, tiny_processor, req, layer))
 
 
 def test_pdrop_stages_shrink_geometrically_and_follow_attention(tiny_model, tiny_processor):
@@ -245,12 +249,7 @@ def test_visionzip_dominant_tokens_are_the_top_k_of_the_vits_own_attention(tiny_
     layers = tiny_model.model.visual.config.fullatt_block_indexes
     for vit_layer, block in ((-1, max(layers)), (1, 1)):
         engine = engine_for(tiny_model, tiny_processor, VisionZipStrategy(contextual=0.0, vit_layer=vit_layer), ratio=0.3)
-        for req in requests(4):
-            res = engine.generate([req], SamplingParams(max_new_tokens=1), return_masks=True)[0]
-            ref = _vit_received_reference(tiny_model, tiny_processor, req, block)
-            expected = torch.zeros_like(res.keep_mask)
-            expected[torch.topk(ref, res.kept_tokens).indices] = True
-            assert torch.equal(res.keep_mask, expected)
+        _assert_keeps_top_k(engine, requests(4), lambda req, block=block: _vit_received_reference(tiny_model, tiny_processor, req, block))
 
 
 def test_visionzip_merges_the_rest_into_their_most_similar_contextual_token():

@@ -241,8 +241,8 @@ _MARKERS = {"unpruned": "o", "glimpse": "*", "glimpse_cap": "P", "oracle": "^", 
             "random": "s", "no_visual": "x"}
 
 
-def write_plot(summary: dict, path: Path) -> Optional[Path]:
-    """Accuracy (object F1 for list answers) vs mean keep ratio, one panel per question type + all."""
+def panel_grid(count: int, max_cols: int, size: tuple, path: Path):
+    """(pyplot, figure, axes [rows, cols]) for `count` panels, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -251,10 +251,19 @@ def write_plot(summary: dict, path: Path) -> Optional[Path]:
     except ImportError:  # a dependency in pyproject; a bare environment still gets the tables
         log.warning("matplotlib is not installed: no %s", path)
         return None
+    cols = min(max_cols, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def write_plot(summary: dict, path: Path) -> Optional[Path]:
+    """Accuracy (object F1 for list answers) vs mean keep ratio, one panel per question type + all."""
     panels = ["all"] + summary["qtypes"]
-    cols = min(4, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    grid = panel_grid(len(panels), 4, (3.6, 3.2), path)
+    if grid is None:
+        return None
+    plt, fig, axes = grid
     for ax, key in zip(axes.flat, panels):
         metric = "object_f1" if key in LIST_QTYPES else "accuracy"
         for name in SETTINGS:
