@@ -359,14 +359,22 @@ class VisionZipPruning(_StrategyPruning):
                            "the tower's last full-attention block.")
 
 
+class CDPrunerPruning(_StrategyPruning):
+    """CDPruner: keep the subset of maximal diversity conditioned on relevance to the question (a DPP)."""
+
+    mode: Literal["cdpruner"] = Field("cdpruner", description="Strategy tag.")
+    relevance_floor: float = Field(0.1, ge=0.0, le=1.0, description="Relevance of the least relevant token, [0, 1] "
+                                   "(0: irrelevant tokens are only picked when diversity is exhausted; 1: plain DPP).")
+
+
 # Modes whose budget is a keep ratio and that need no glimpse modules (workers.modeling.strategies).
-STRATEGY_MODES = ("random", "uniform", "fastv", "pdrop", "divprune", "dart", "visionzip")
+STRATEGY_MODES = ("random", "uniform", "fastv", "pdrop", "divprune", "dart", "visionzip", "cdpruner")
 # Modes whose per-row pruning value is a keep ratio (else a threshold).
 KEEP_RATIO_MODES = ("fixed_ratio",) + STRATEGY_MODES
 
 PruningSpec = Annotated[
     Union[NoPruning, GlimpsePruning, FixedRatioPruning, RandomPruning, UniformPruning, FastVPruning, PDropPruning,
-          DivPrunePruning, DartPruning, VisionZipPruning],
+          DivPrunePruning, DartPruning, VisionZipPruning, CDPrunerPruning],
     Field(discriminator="mode"),
 ]
 

@@ -14,7 +14,7 @@ rotates from batch to batch, so slow drift of the machine favours none):
   unpruned        all visual tokens (the reference);
   glimpse         GlimpsePrune's dynamic rule (threshold 0.5, no cap);
   glimpse@r       GlimpsePrune with exactly int(r * N) tokens (fixed_remain_ratio r, top-k importance);
-  <strategy>@r    random, uniform, fastv, pdrop, divprune, dart, visionzip (`workers.modeling.strategies`);
+  <strategy>@r    random, uniform, fastv, pdrop, divprune, dart, visionzip, cdpruner (`workers.modeling.strategies`);
   oracle          exactly the tokens of the relevant boxes; anti_oracle: as many tokens, all outside
                   them (the wrong tokens at the right count). Needs boxes: the synthetic world has
                   them, a Parquet set may (`boxes` column: normalised x0,y0,x1,y1 per box, one image).
@@ -52,7 +52,7 @@ from workers.modeling.keep_rule import KeepRule
 from workers.modeling.strategies import make_strategy
 
 log = logging.getLogger(__name__)
-STRATEGY_NAMES = ("random", "uniform", "fastv", "pdrop", "divprune", "dart", "visionzip")
+STRATEGY_NAMES = ("random", "uniform", "fastv", "pdrop", "divprune", "dart", "visionzip", "cdpruner")
 MASK_SETTINGS = ("oracle", "anti_oracle", "anti_glimpse", "no_visual")
 
 

@@ -100,8 +100,8 @@ def test_override_switches_pruning_strategy(tmp_path):
     "extra_yaml, expected",
     [
         ("pruning:\n  mode: foo\n",
-         "pruning.mode: unknown value 'foo' (expected one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip)"),
-        ("pruning:\n  threshold: 0.4\n", "pruning.mode: field required (one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip)"),
+         "pruning.mode: unknown value 'foo' (expected one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip, cdpruner)"),
+        ("pruning:\n  threshold: 0.4\n", "pruning.mode: field required (one of none, glimpse, fixed_ratio, random, uniform, fastv, pdrop, divprune, dart, visionzip, cdpruner)"),
         ("pruning:\n  mode: glimpse\n  treshold: 0.4\n", "pruning.treshold: unknown key (did you mean 'threshold'?)"),
         ("pruning:\n  mode: fixed_ratio\n  keep_ratio: 0\n", "pruning.keep_ratio: input should be greater than 0"),
         ("pruning:\n  mode: fastv\n", "pruning.keep_ratio: field required"),

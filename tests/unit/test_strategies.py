@@ -15,15 +15,16 @@ from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.scheduler import ContinuousScheduler, SchedulerConfig
 from workers.modeling.strategies import (STRATEGIES, DartStrategy, DivPruneStrategy, FastVStrategy, PDropStrategy,
-                                         RandomStrategy, Signals, UniformStrategy, VisionZipStrategy, divprune_select,
-                                         keep_count, lattice, make_strategy, visionzip_select)
+                                         CDPrunerStrategy, RandomStrategy, Signals, UniformStrategy, VisionZipStrategy,
+                                         cdpruner_select, divprune_select, keep_count, lattice, make_strategy, relevance,
+                                         visionzip_select)
 
 from engine_helpers import patterned_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = [RandomStrategy(seed=3), UniformStrategy(), FastVStrategy(layer=1), PDropStrategy(), DivPruneStrategy(),
-       DartStrategy(layer=1, pivots=3), VisionZipStrategy()]
+       DartStrategy(layer=1, pivots=3), VisionZipStrategy(), CDPrunerStrategy()]
 IDS = [s.name for s in ALL]
 
 
@@ -335,3 +336,25 @@ def test_contiguous_positions_after_layer_k_rotate_the_cached_keys_exactly(tiny_
             x1, x2 = k.chunk(2, dim=-1)
             expected = k * cos + torch.cat((-x2, x1), dim=-1) * sin
             assert torch.allclose(row.keys[i], expected[0], atol=1e-5)
+
+
+def test_cdpruner_equals_the_brute_force_greedy_log_det():
+    """Reference: at every step the token that maximises log det of the conditional kernel on the chosen
+    set, computed from scratch with torch.logdet (no Cholesky updates)."""
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(5):
+        x, text = torch.randn(10, 12, generator=gen, dtype=torch.float64), torch.randn(4, 12, generator=gen, dtype=torch.float64)
+        r = relevance(x, text, 0.1).double()
+        xn = torch.nn.functional.normalize(x, dim=-1)
+        kernel = r[:, None] * (xn @ xn.T) * r[None, :]
+        for k in (1, 3, 6):
+            chosen: list = []
+            while len(chosen) < k:
+                best = max((i for i in range(10) if i not in chosen),
+                           key=lambda i: float(torch.logdet(kernel[chosen + [i]][:, chosen + [i]])))
+                chosen.append(best)
+            got = cdpruner_select(x.float(), text.float(), k, 0.1)
+            assert set(got.nonzero().flatten().tolist()) == set(chosen)
+    # a rank-1 kernel: one pick exhausts it, the rest go by relevance
+    same = torch.ones(6, 4)
+    assert int(cdpruner_select(same, torch.randn(2, 4, generator=gen), 3).sum()) == 3

@@ -370,6 +370,7 @@ class QwenGlimpseModel:
                     attn=attn[b][sel] if attn is not None else None,
                     vit_attn=vit_attn[b][sel] if "vit_attn" in needs else None,
                     vit_keys=vit_keys[b][sel] if "vit_attn" in needs else None,
+                    text=hidden[b][pad[b].bool() & ~is_image[b]] if "text" in needs else None,
                     generator=gens[b],
                 )
                 mask, merged = strategy.apply(sig, budgets[b][s])
