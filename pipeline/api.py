@@ -131,13 +131,8 @@ def _image_rows(batch: pa.Table, root: str, columns) -> pa.Table:
 
 def _manifest_rows(batch: pa.Table, columns) -> pa.Table:
     """Relative image paths resolved against their manifest's folder; Ray's `path` column dropped."""
-    from pipeline.inputs import _image_cell
+    from pipeline.inputs import resolve_image_column
 
     if columns.image in batch.column_names:
-        folders = [posixpath.dirname(p) for p in batch.column("path").to_pylist()]
-        values = [_image_cell(v, f) for v, f in zip(batch.column(columns.image).to_pylist(), folders)]
-        kind = pa.list_(pa.string()) if any(isinstance(v, list) for v in values) else pa.string()
-        if kind != pa.string():
-            values = [v if isinstance(v, list) or v is None else [v] for v in values]
-        batch = batch.set_column(batch.column_names.index(columns.image), columns.image, pa.array(values, kind))
+        batch = resolve_image_column(batch, columns.image, [posixpath.dirname(p) for p in batch.column("path").to_pylist()])
     return batch.drop_columns(["path"])

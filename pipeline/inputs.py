@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -146,13 +146,18 @@ def load_manifest(url: str, fmt: str, cols: InputColumns, options: StorageOption
     table = storage.with_retries(read, options.retry_deadline_s, f"reading {describe(url)}")
     if cols.image in table.column_names:
         base = posixpath.dirname(storage.normalize_url(url))
-        values = [_image_cell(v, base) for v in table.column(cols.image).to_pylist()]
-        index = table.column_names.index(cols.image)
-        kind = pa.list_(pa.string()) if any(isinstance(v, list) for v in values) else pa.string()
-        if kind != pa.string():
-            values = [v if isinstance(v, list) or v is None else [v] for v in values]
-        table = table.set_column(index, cols.image, pa.array(values, kind))
+        table = resolve_image_column(table, cols.image, [base] * table.num_rows)
     return table
+
+
+def resolve_image_column(table: pa.Table, column: str, folders: Sequence[str]) -> pa.Table:
+    """The image column with JSON-list cells as lists and relative paths resolved against each row's
+    manifest folder; a list column when any row has several images."""
+    values = [_image_cell(v, f) for v, f in zip(table.column(column).to_pylist(), folders)]
+    kind = pa.list_(pa.string()) if any(isinstance(v, list) for v in values) else pa.string()
+    if kind != pa.string():
+        values = [v if isinstance(v, list) or v is None else [v] for v in values]
+    return table.set_column(table.column_names.index(column), column, pa.array(values, kind))
 
 
 LINE_ERROR = "_line_error"
@@ -224,6 +229,15 @@ def inspect_manifest(url: str, key: str, fmt: str, cols: InputColumns, options: 
     check_schema(table.schema, cols)
     return ShardInfo(url=url, key=key, num_rows=table.num_rows, row_groups=_groups(table.num_rows), size=meta.get("size"),
                      version=None if meta.get("version") is None else str(meta.get("version")), kind=fmt)
+
+
+def unit_blocks(unit: dict, cols: InputColumns, options: StorageOptions, block_rows: int) -> Iterator[pa.Table]:
+    """The rows of any work unit (Parquet, manifest or image shard), in tagged blocks."""
+    from pipeline.shards import read_rows
+
+    if unit.get("kind", "parquet") == "parquet":
+        return read_rows(unit["url"], unit["key"], unit["row_groups"], unit["first_row"], unit["wanted"], options, block_rows)
+    return read_unit_rows(unit, cols, options, block_rows)
 
 
 def read_unit_rows(unit: dict, cols: InputColumns, options: StorageOptions, block_rows: int) -> Iterator[pa.Table]:

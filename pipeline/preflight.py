@@ -239,7 +239,6 @@ def _expected_keep(job: JobSpec) -> Optional[float]:
 
 def _sample_image_sizes(job: JobSpec, sp, count: int) -> list:
     """Per sampled row, the (width, height) of each image, from the first rows of one shard (headers only)."""
-    import pyarrow.parquet as pq
     from PIL import Image
 
     from pipeline import inputs
@@ -248,12 +247,7 @@ def _sample_image_sizes(job: JobSpec, sp, count: int) -> list:
     cols = job.input.columns
     config = ImageStageConfig.from_job(job)
     try:
-        if sp.info.kind == "parquet":
-            fs, path = storage.pyarrow_filesystem(sp.info.url, job.input.storage)
-            with fs.open_input_file(path) as fh:
-                table = pq.ParquetFile(fh).read_row_group(0, columns=[cols.image]).slice(0, count)
-        else:
-            table = next(inputs.read_unit_rows(dict(sp.units[0], wanted=None), cols, job.input.storage, count))
+        table = next(iter(inputs.unit_blocks(dict(sp.units[0], wanted=None), cols, job.input.storage, count)))
     except Exception:  # noqa: BLE001 - the plan already reported unreadable shards
         return []
     out = []

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections import Counter
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyarrow as pa
 
@@ -112,7 +112,7 @@ def _overlays(job: JobSpec, plan, rows: list, out: dict) -> list:
     """Up to SAMPLES rows with their kept tokens drawn over the image as the model saw it."""
     import numpy as np
 
-    from pipeline import inputs, shards
+    from pipeline import inputs
     from pipeline.images import ImageStageConfig, prepare_row
     from schemas.job import IMAGE_FACTOR
     from schemas.rows import decode_frame
@@ -127,12 +127,7 @@ def _overlays(job: JobSpec, plan, rows: list, out: dict) -> list:
     for sp in plan.todo:
         if len(made) >= SAMPLES or not sp.units:
             break
-        unit = dict(sp.units[0], wanted=None)
-        if sp.info.kind == "parquet":
-            blocks = shards.read_rows(unit["url"], unit["key"], unit["row_groups"], unit["first_row"], None, job.input.storage, 64)
-        else:
-            blocks = inputs.read_unit_rows(unit, cols, job.input.storage, 64)
-        block = next(iter(blocks), None)
+        block = next(iter(inputs.unit_blocks(dict(sp.units[0], wanted=None), cols, job.input.storage, 64)), None)
         if block is None:
             continue
         for src in block.to_pylist():

@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import inputs, shards, writer
+from pipeline import inputs, writer
 from pipeline.images import ImageStageConfig, decode_batch
 from schemas.job import JobSpec, StorageOptions
 from schemas.rows import (
@@ -66,12 +66,7 @@ def read_stage(units: pa.Table, context: ReadContext) -> Iterator[pa.Table]:
     """One or more work units -> blocks in `BLOCK_SCHEMA` (a generator: blocks stream out)."""
     with_env(context.env)
     for unit in units.to_pylist():
-        if unit.get("kind", "parquet") == "parquet":
-            blocks = shards.read_rows(unit["url"], unit["key"], unit["row_groups"], unit["first_row"], unit["wanted"],
-                                      context.storage, context.block_rows)
-        else:
-            blocks = inputs.read_unit_rows(unit, context.image.columns, context.storage, context.block_rows)
-        for block in blocks:
+        for block in inputs.unit_blocks(unit, context.image.columns, context.storage, context.block_rows):
             yield to_block(block, context.image)
 
 

@@ -42,7 +42,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -334,7 +334,7 @@ def _diff(cell: Optional[dict]) -> str:
 def render_markdown(summary: dict, meta: dict) -> str:
     q = summary["tasks"]
     metrics = ", ".join(f"{t}: {'/'.join(m)}" for t, m in summary["metrics"].items() if t != "all")
-    lines = [f"# Pruning strategies compared\n",
+    lines = ["# Pruning strategies compared\n",
              f"base `{meta['base']}`, modules `{meta['modules']}`; {summary['rows']} rows of {meta['set']}; greedy, max "
              f"{meta['config']['max_new_tokens']} new tokens; batches of {meta['config']['batch_size']}; device "
              f"{meta['device']}, {meta['threads']} thread(s); {meta['seconds']:.0f} s in all. Explicit masks (oracle, "

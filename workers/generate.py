@@ -131,11 +131,13 @@ class GlimpseUDF:
         raw = {i: len(rows[i][PROMPT_COLUMN] or "") // 3 + int(rows[i]["visual_tokens"] or 0) for i in todo}
         b = self.job.batching
         if self.engine.prunes:
+            from workers.modeling.engine import request_limits
+
             glimpsed = self._glimpse(todo, requests, raw, out)
             lengths = {i: g[0].length for i, g in glimpsed.items()}
             run = lambda ids: self.engine.generate_from_rows(  # noqa: E731
                 [glimpsed[i][0] for i in ids], self.sampling, [glimpsed[i][1] for i in ids], row_seeds=[requests[i].seed for i in ids],
-                limits=[requests[i].max_new_tokens or (requests[i].sampling or self.sampling).max_new_tokens for i in ids],
+                limits=request_limits([requests[i] for i in ids], self.sampling),
                 row_params=[requests[i].sampling for i in ids], return_masks=True)
         else:
             lengths = raw
