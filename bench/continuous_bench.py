@@ -28,7 +28,12 @@ Part 3, engine vs prediction: prefill seconds pruned/unpruned (ViT included) and
 token, next to the analytic decoder prefill FLOPs ratio for this model (engine_bench.prefill_flops)
 and the cache-token ratio.
 
-Run: `python bench/continuous_bench.py [--quick] [--rows R] [--out FILE]`; JSON to --out (default
+Part 4, across blocks (the model stage's calls): blocks of 4 x max_rows rows (the pipeline's block),
+one call at a time (each block drains before the next: the model stage before rows flowed across
+blocks) against `--in-flight` calls sharing one running batch (`workers.generate.EngineLoop`), captions
+as in part 1. Reported: rows/s of each, the ratio, decode steps and the prediction at equal step cost.
+
+Run: `python bench/continuous_bench.py [--quick] [--rows R] [--parts 1 2 3 4] [--out FILE]`; JSON to --out (default
 reports/bench/continuous_bench.json).
 """
 from __future__ import annotations
@@ -131,6 +136,53 @@ def run_continuous(engine, requests, sampling, max_rows: int, kv_budget: int, pr
             "prompt_tokens": [results[i].prompt_tokens for i in range(len(requests))],
             "visual_tokens": [results[i].visual_tokens for i in range(len(requests))],
             "tokens": [results[i].token_ids for i in range(len(requests))]}
+
+
+def run_blocks(engine, requests, sampling, max_rows: int, block_rows: int, in_flight: int, prefill_tokens: int) -> dict:
+    """The model stage's calls: blocks of `block_rows` rows, `in_flight` of them at once in one
+    scheduler session (`workers.generate.EngineLoop`); the next block arrives when the oldest has all
+    its rows back (its call returns). in_flight=1 is one call at a time: each block drains before the
+    next starts, as the model stage ran before rows flowed across blocks."""
+    from workers.modeling.scheduler import ContinuousScheduler, SchedulerConfig, SchedulerStats
+
+    stats = SchedulerStats()
+    session = ContinuousScheduler(engine, SchedulerConfig(10**12, max_rows=max_rows, prefill_tokens=prefill_tokens), stats).session(sampling)
+    blocks = [requests[i:i + block_rows] for i in range(0, len(requests), block_rows)]
+    results, pending, nxt = {}, [], 0
+    t0 = time.perf_counter()
+    while nxt < len(blocks) or pending:
+        while nxt < len(blocks) and len(pending) < in_flight:
+            pending.append(session.submit(blocks[nxt]))
+            nxt += 1
+        results.update(session.step())
+        while pending and all(i in results for i in pending[0]):
+            pending.pop(0)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": stats.decode_steps,
+            "slot_occupancy": stats.row_steps / (stats.decode_steps * max_rows) if stats.decode_steps else 0.0,
+            "tokens": [results[i].token_ids for i in range(len(requests))]}
+
+
+def part4(engine, requests, sampling, args) -> dict:
+    """Across blocks: blocks of 4 x max_rows rows (the pipeline's block size), 1 call in flight (each
+    block drains) against `--in-flight` calls sharing one running batch. ABBA over --repeats rounds.
+    Prediction at equal step cost: drained decode steps / shared decode steps."""
+    block_rows = 4 * args.max_rows
+    runs = {"one_call": [], "shared": []}
+    for _ in range(args.repeats):
+        for mode in ("one_call", "shared", "shared", "one_call"):
+            flight = 1 if mode == "one_call" else args.in_flight
+            runs[mode].append(run_blocks(engine, requests, sampling, args.max_rows, block_rows, flight, args.prefill_tokens))
+    med = {m: statistics.median(r["rows_per_s"] for r in rs) for m, rs in runs.items()}
+    steps = {m: rs[0]["decode_steps"] for m, rs in runs.items()}
+    return {
+        "rows": len(requests), "block_rows": block_rows, "in_flight": args.in_flight, "max_rows": args.max_rows,
+        "rows_per_s": med, "ratio_shared_over_one_call": med["shared"] / med["one_call"],
+        "all_ratios": [b["rows_per_s"] / a["rows_per_s"] for a, b in zip(runs["one_call"], runs["shared"])],
+        "decode_steps": steps, "predicted_ratio_equal_step_cost": steps["one_call"] / max(steps["shared"], 1),
+        "slot_occupancy": {m: rs[0]["slot_occupancy"] for m, rs in runs.items()},
+        "same_tokens": runs["one_call"][0]["tokens"] == runs["shared"][0]["tokens"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,9 +324,16 @@ def _run(args) -> dict:
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
               "answer_lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}}
-    result["part1_continuous_vs_static"] = part1(engine, captions, sampling, args)
-    result["part2_pruned_vs_unpruned_equal_kv"] = part2(engine, requests, sampling, args)
-    result["part3_engine_vs_prediction"] = part3(engine, requests, result["part2_pruned_vs_unpruned_equal_kv"])
+    if 1 in args.parts:
+        result["part1_continuous_vs_static"] = part1(engine, captions, sampling, args)
+    if 2 in args.parts or 3 in args.parts:
+        result["part2_pruned_vs_unpruned_equal_kv"] = part2(engine, requests, sampling, args)
+        result["part3_engine_vs_prediction"] = part3(engine, requests, result["part2_pruned_vs_unpruned_equal_kv"])
+    if 4 in args.parts:
+        blocks_rows = args.part4_rows or 3 * 4 * args.max_rows
+        block_lengths = draw_lengths(blocks_rows, min(args.min_new, args.max_new), args.max_new, args.seed + 2)
+        result["part4_across_blocks"] = part4(engine, make_requests(blocks_rows, args.part1_image_size, block_lengths, args.seed + 2),
+                                              sampling, args)
     result["bench_wall_s"] = time.perf_counter() - started
     print_report(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +343,20 @@ def _run(args) -> dict:
 
 
 def print_report(result: dict) -> None:
+    if "part1_continuous_vs_static" in result:
+        _print_part1(result)
+    if "part2_pruned_vs_unpruned_equal_kv" in result:
+        _print_parts23(result)
+    p4 = result.get("part4_across_blocks")
+    if p4:
+        print(f"part 4: {p4['rows']} rows in blocks of {p4['block_rows']}, max_rows {p4['max_rows']}")
+        print(f"  rows/s one call at a time {p4['rows_per_s']['one_call']:.3f}  {p4['in_flight']} calls sharing one batch "
+              f"{p4['rows_per_s']['shared']:.3f}  ratio {p4['ratio_shared_over_one_call']:.2f} (predicted at equal step cost "
+              f"{p4['predicted_ratio_equal_step_cost']:.2f}); decode steps {p4['decode_steps']}; occupancy "
+              f"{p4['slot_occupancy']['one_call']:.2f} / {p4['slot_occupancy']['shared']:.2f}; same tokens: {p4['same_tokens']}")
+
+
+def _print_part1(result: dict) -> None:
     p1 = result["part1_continuous_vs_static"]
     print(f"part 1: {p1['rows']} rows, answers {result['answer_lengths']['min']}-{result['answer_lengths']['max']} tokens, "
           f"max_rows {p1['max_rows']}")
@@ -294,6 +367,9 @@ def print_report(result: dict) -> None:
           f"rows/s predicted {p1['predicted_rows_per_s_ratio']:.2f}")
     print(f"  slot occupancy static {p1['slot_occupancy']['static']:.2f}  continuous {p1['slot_occupancy']['continuous']:.2f}; "
           f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
+
+
+def _print_parts23(result: dict) -> None:
     p2 = result["part2_pruned_vs_unpruned_equal_kv"]
     print(f"part 2: KV budget = {p2['kv_rows']} unpruned rows ({p2['by_limit'][0]['kv_budget_tokens']} cache tokens)")
     print("  limit | rows/s unpruned | rows/s pruned | ratio | concurrency u / p (cap u / p) | KV use u / p")
@@ -321,6 +397,9 @@ def parse_args(argv):
     parser.add_argument("--kv-rows", type=int, default=8, help="part 2: the KV budget holds this many unpruned rows")
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="raw tokens per glimpse chunk")
     parser.add_argument("--repeats", type=int, default=2, help="part 1: ABBA rounds")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], help="which parts to run (3 runs with 2)")
+    parser.add_argument("--in-flight", type=int, default=4, help="part 4: calls (blocks) in flight sharing one batch")
+    parser.add_argument("--part4-rows", type=int, default=None, help="part 4 rows (default 3 blocks of 4 x max_rows)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -7,7 +7,7 @@ One process run, one model, one local Ray runtime:
      The scale*N input is `scale` copies of the N-row input's shards (same rows, new shard names);
   2. the engine alone on the N rows of the same data, once before and once after the pipeline runs
      (the ratios use the mean rate): `GlimpseUDF` (the pipeline's model stage,
-     same code, same batch size) called in-process on image-stage blocks, torch at 1 thread as in the
+     same code, same batch size, the same number of calls in flight) called in-process on image-stage blocks, torch at 1 thread as in the
      actor (Ray gives fractional-CPU actors OMP_NUM_THREADS=1); image decoding excluded, model load
      excluded.
 Figures: first durable output as a share of the run's wall time (target < 10%); peak object-store
@@ -203,9 +203,13 @@ def run_engine(inputs: Path, models, args) -> dict:
     table = pa.concat_tables(blocks)
     udf = GlimpseUDF(job)
     udf(table.slice(0, min(block_rows, table.num_rows)))  # warm-up
+    # As in the actor: `blocks_ahead_per_actor` calls at once (with the continuous scheduler they all
+    # feed one running batch; with the static one they take turns).
+    from concurrent.futures import ThreadPoolExecutor
+
     start, cpu_start = time.monotonic(), time.process_time()
-    for offset in range(0, table.num_rows, block_rows):
-        udf(table.slice(offset, block_rows))
+    with ThreadPoolExecutor(job.resources.blocks_ahead_per_actor) as pool:
+        list(pool.map(udf, [table.slice(offset, block_rows) for offset in range(0, table.num_rows, block_rows)]))
     seconds = time.monotonic() - start
     cpu = time.process_time() - cpu_start
     return {"rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds,

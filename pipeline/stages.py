@@ -103,10 +103,15 @@ def model_stage(ds, job: JobSpec, actors, env: Mapping[str, str], block_rows: in
 
     from workers.generate import GlimpseUDF
 
+    ahead = job.resources.blocks_ahead_per_actor
+    # Continuous scheduler: the blocks in flight run as concurrent calls feeding the actor's one running
+    # batch (workers.generate.EngineLoop); static: one call at a time, the others queued.
+    calls = {"max_concurrent_calls_per_actor": ahead, "enable_true_multi_threading": True} \
+        if job.batching.scheduler == "continuous" and ahead > 1 else {}
     return ds.map_batches(
         GlimpseUDF, fn_constructor_kwargs={"job": job, "env": dict(env)}, batch_format="pyarrow", batch_size=block_rows,
         compute=ray.data.ActorPoolStrategy(min_size=actors.min_actors, max_size=actors.max_actors,
-                                           max_tasks_in_flight_per_actor=job.resources.blocks_ahead_per_actor),
+                                           max_tasks_in_flight_per_actor=ahead, **calls),
         num_gpus=actors.num_gpus, num_cpus=actors.num_cpus,
         **({"accelerator_type": job.resources.accelerator_type} if job.resources.accelerator_type else {}),
     )

@@ -520,8 +520,9 @@ class ResourcesSpec(StrictModel):
     )
     blocks_ahead_per_actor: int = Field(
         4, ge=1, le=64,
-        description="Blocks handed to each model actor at once (the one it works on and the ones queued behind "
-        "it), so it never waits for its next input; more uses more object-store memory.",
+        description="Blocks handed to each model actor at once, so it never waits for its next input; more uses "
+        "more object-store memory. With the continuous scheduler they are all in the actor's one running batch "
+        "(a block's rows join while the previous block's still decode).",
     )
     actor_start_timeout_s: int = Field(
         900, ge=10, le=86_400,

@@ -6,11 +6,13 @@ columns of `schemas.rows.OUTPUT_SCHEMA`. Rows that failed earlier pass through u
 engine cannot run (e.g. an image the processor rejects) turns only its rows into error rows.
 
 Batching inside the actor, `batching.scheduler`:
-  * continuous (default; `workers.modeling.scheduler`): the batch's rows go through the glimpse pass
-    in `max_batch_tokens` chunks and join one running decode batch as soon as the KV budget
-    (`batching.kv_budget_tokens`, default a share of the free device memory) allows; a row leaves
-    the step it finishes. A chunk that fails is retried row by row, so only a bad row becomes an
-    error row. Per row: prefill_s/decode_s are its shares of the batched work, decode_rows the
+  * continuous (default; `workers.modeling.scheduler`): the actor runs several calls at once
+    (`resources.blocks_ahead_per_actor`) and all of them feed one running batch (`EngineLoop`): rows
+    go through the glimpse pass in `max_batch_tokens` chunks and join the decode batch as soon as the
+    KV budget (`batching.kv_budget_tokens`, default a share of the free device memory) allows, also
+    while the previous block's rows still decode; a row leaves the step it finishes, and a call
+    returns when its own rows are done. A step that fails is retried row by row, so only a bad row
+    becomes an error row. Per row: prefill_s/decode_s are its shares of the batched work, decode_rows the
     batch size it decoded in, kv_use and pad_fraction the decode batch's budget use and padding.
   * static (`workers.batching`):
   1. the glimpse pass is batched under `batching.max_batch_tokens` raw tokens (prompt + visual);
@@ -27,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import zlib
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -101,6 +105,8 @@ class GlimpseUDF:
         self.metrics = RowMetrics.create(job.name or "job")
         self.sampling = SamplingParams(**job.sampling.model_dump(exclude={"stop"}), stop=tuple(job.sampling.stop))
         self.scheduler = self._scheduler() if job.batching.scheduler == "continuous" else None
+        self.loop = EngineLoop(self.scheduler, self.sampling) if self.scheduler is not None else None
+        self._static_lock = threading.Lock()  # the static path runs one call at a time
         log.info("model stage ready in %.1f s (%s, pruning %s)", time.perf_counter() - started, m.base, job.pruning.mode)
 
     def _scheduler(self):
@@ -125,9 +131,14 @@ class GlimpseUDF:
             except Exception as exc:  # noqa: BLE001 - e.g. a truncated frame: this row only
                 out[i] = {"status": STATUS_ERROR, "error": f"model: {one_line(exc)}"}
         todo = [i for i in todo if i in requests]
-        if self.scheduler is not None:
+        if self.loop is not None:
             self._continuous(todo, requests, out)
             return self._assemble(batch, rows, out)
+        with self._static_lock:
+            self._static(todo, requests, rows, out)
+        return self._assemble(batch, rows, out)
+
+    def _static(self, todo: list, requests: dict, rows: list, out: list) -> None:
         raw = {i: len(rows[i][PROMPT_COLUMN] or "") // 3 + int(rows[i]["visual_tokens"] or 0) for i in todo}
         b = self.job.batching
         if self.engine.prunes:
@@ -148,7 +159,6 @@ class GlimpseUDF:
             members = [ids[k] for k in group]
             pad = padding_fraction([lengths[i] for i in members], [list(range(len(members)))])
             self._guarded(members, out, lambda: run(members), pad)
-        return self._assemble(batch, rows, out)
 
     def _assemble(self, batch, rows, out) -> pa.Table:
         if self.engine.prunes:
@@ -161,26 +171,17 @@ class GlimpseUDF:
         return table
 
     def _continuous(self, todo: list, requests: dict, out: list) -> None:
-        """All of the batch's rows through the continuous scheduler. If a chunk fails (e.g. an image the
-        processor rejects), the rows without a result are retried one at a time so only the bad row
-        becomes an error row."""
-        pending = list(todo)
-        try:
-            self._schedule(pending, requests, out)
-        except Exception as exc:  # noqa: BLE001
-            if _fatal(exc):
-                raise
-            left = [i for i in pending if not out[i]]
-            log.warning("model batch failed (%s); retrying its %d unfinished row(s) one by one", one_line(exc), len(left))
-            for i in left:
-                self._guarded([i], out, lambda i=i: [self._schedule_one(requests[i])])
-
-    def _schedule(self, members: list, requests: dict, out: list) -> None:
-        for k, res in self.scheduler.run([requests[i] for i in members], self.sampling, return_masks=True):
-            out[members[k]] = _model_values(res)
-
-    def _schedule_one(self, request):
-        return next(iter(self.scheduler.run([request], self.sampling, return_masks=True)))[1]
+        """The batch's rows through the actor's one running continuous batch (`EngineLoop`): rows of
+        every call in flight share it, so a block's rows join while the previous block's still decode.
+        A row whose step failed was re-run alone by the loop; if it fails alone it becomes an error row."""
+        futures = self.loop.submit([requests[i] for i in todo])
+        for i, future in zip(todo, futures):
+            try:
+                out[i] = _model_values(future.result())
+            except Exception as exc:  # noqa: BLE001 - this row only ...
+                if _fatal(exc):
+                    raise  # ... unless the device broke: the actor must die so Ray retries its tasks
+                out[i] = {"status": STATUS_ERROR, "error": f"model: {one_line(exc)}"}
 
     def _pack(self, lengths: list, budget: int, extra: int = 0) -> list:
         """The batching policy (overridable, e.g. by the benchmark's fixed-row baseline)."""
@@ -247,6 +248,92 @@ class GlimpseUDF:
             return
         for i, res in zip(members, results or []):
             out[i] = _model_values(res, pad_fraction_value)
+
+
+class EngineLoop:
+    """The actor's one running continuous batch, stepped by one thread for every call in flight.
+
+    The model stage runs with several calls per actor at once (`resources.blocks_ahead_per_actor`,
+    Ray's `max_concurrent_calls_per_actor`): each call decodes its block's images and builds its
+    requests in its own thread, hands them to `submit`, and waits for their results. The loop thread
+    feeds new rows into the scheduler `Session` between steps, so a block's rows join the decode batch
+    while the previous block's are still running: no drain at the end of each block, and no row is
+    carried past the call that owns it (if the actor dies, Ray retries every call in flight, and no
+    result was returned for a row that was not finished).
+
+    A failed step (e.g. an image the processor rejects in a glimpse chunk) drops the rows that had
+    started; each is re-run alone, so only a row that fails by itself gets the error. A CUDA error or
+    out-of-memory fails every pending row with it and stops the loop (the actor must be restarted)."""
+
+    def __init__(self, scheduler, sampling):
+        self.scheduler, self.sampling = scheduler, sampling
+        self.session = scheduler.session(sampling, return_masks=True)
+        self._cond = threading.Condition()
+        self._incoming: list = []  # (requests, futures) not yet in the session
+        self._owners: dict = {}  # session index -> Future
+        self._thread: threading.Thread | None = None
+        self._fatal: BaseException | None = None
+
+    def submit(self, requests: list) -> list:
+        futures = [Future() for _ in requests]
+        with self._cond:
+            if self._fatal is not None:
+                raise self._fatal
+            self._incoming.append((requests, futures))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="glimpse-engine-loop", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return futures
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._incoming and not self.session.busy:
+                    self._cond.wait()
+                incoming, self._incoming = self._incoming, []
+            for requests, futures in incoming:
+                try:
+                    self._owners.update(zip(self.session.submit(requests), futures))
+                except Exception as exc:  # noqa: BLE001 - requests the scheduler refuses: theirs only
+                    for f in futures:
+                        f.set_exception(exc)
+            try:
+                finished = self.session.step()
+            except BaseException as exc:  # noqa: BLE001 - handed to the calls that own the rows
+                broken = exc if _fatal(exc) or not isinstance(exc, Exception) else self._isolate(exc)
+                if broken is not None:
+                    self._stop(broken)
+                    return
+                continue
+            for index, result in finished:
+                self._owners.pop(index).set_result(result)
+
+    def _isolate(self, exc: Exception) -> BaseException | None:
+        """Re-run the rows of a failed step one by one; returns the error if the device broke meanwhile."""
+        dropped = self.session.abort()
+        log.warning("model step failed (%s); re-running its %d row(s) one by one", one_line(exc), len(dropped))
+        for index, request in dropped.items():
+            try:
+                result = next(iter(self.scheduler.run([request], self.sampling, return_masks=True)))[1]
+            except Exception as alone:  # noqa: BLE001 - this row's own failure
+                if _fatal(alone):
+                    return alone  # its future is still owned: _stop fails it
+                self._owners.pop(index).set_exception(alone)
+            else:
+                self._owners.pop(index).set_result(result)
+        return None
+
+    def _stop(self, exc: BaseException) -> None:
+        with self._cond:
+            self._fatal = exc
+            for _requests, futures in self._incoming:
+                for f in futures:
+                    f.set_exception(exc)
+            self._incoming = []
+        for future in self._owners.values():
+            future.set_exception(exc)
+        self._owners.clear()
 
 
 def _prune_seed(row: dict):

@@ -41,3 +41,10 @@ def test_equal_kv_budget_rows(report):
             assert 0 < mode["kv_budget_use"] <= 1.0
     p3 = report["part3_engine_vs_prediction"]
     assert p3["analytic_lower_bound"] <= p3["analytic_decoder_prefill_flops_ratio"] < 1.0
+
+
+def test_across_blocks_same_tokens_and_fewer_steps(report):
+    p4 = report["part4_across_blocks"]
+    assert p4["same_tokens"] is True  # sharing the batch across blocks never changes what a row says
+    assert p4["decode_steps"]["shared"] <= p4["decode_steps"]["one_call"]
+    assert 0 < p4["slot_occupancy"]["one_call"] <= p4["slot_occupancy"]["shared"] <= 1

@@ -65,3 +65,25 @@ def test_empty_and_invalid():
     for bad in (dict(threshold=1.0), dict(max_remain_ratio=0.0), dict(fixed_remain_ratio=1.5), dict(min_remain_num=-1)):
         with pytest.raises(ValueError):
             KeepRule(**bad)
+
+
+def test_batched_keep_masks_equal_the_per_sample_rule():
+    """keep_masks (one padded threshold pass, top-k only where the rule needs it) is keep_mask row by
+    row, over thresholds, caps (hit and not), floors, fixed ratios, saturated ties and empty rows."""
+    from workers.modeling.keep_rule import keep_masks
+
+    gen = torch.Generator().manual_seed(0)
+    rules = [KeepRule(threshold=0.5), KeepRule(threshold=0.3, max_remain_ratio=0.1), KeepRule(threshold=0.9, min_remain_num=5),
+             KeepRule(fixed_remain_ratio=0.111), KeepRule(threshold=0.5, max_remain_ratio=0.5, min_remain_num=None),
+             KeepRule(threshold=0.7, max_remain_ratio=0.25, min_remain_num=3)]
+    for trial in range(40):
+        sizes = [int(v) for v in torch.randint(0, 300, (len(rules),), generator=gen)]
+        sizes[trial % len(sizes)] = 0 if trial % 7 == 0 else sizes[trial % len(sizes)]
+        scale = 1.0 + 30.0 * (trial % 3 == 2)  # some trials saturate the sigmoid (ties at p = 1)
+        logits = [torch.randn(n, generator=gen) * scale for n in sizes]
+        order = torch.randperm(len(rules), generator=gen).tolist()
+        batch_rules = [rules[k] for k in order]
+        got = keep_masks(logits, batch_rules)
+        for lg, rule, mask in zip(logits, batch_rules, got):
+            assert torch.equal(mask, keep_mask(lg, rule)), (rule, lg.numel())
+    assert keep_masks([], []) == []

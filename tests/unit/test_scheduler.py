@@ -62,6 +62,47 @@ def test_greedy_rows_equal_their_batch_of_one(engine):
     assert stats.output_tokens == sum(r.output_tokens for r in got)
 
 
+def test_rows_submitted_while_others_run_equal_their_batch_of_one(engine):
+    """A session takes new rows between steps (the model stage feeds it block after block): rows that
+    arrive while earlier ones decode join the same batch and still give their batch-of-1 output."""
+    requests = mixed_requests(9, seed=5)
+    stats = SchedulerStats()
+    session = ContinuousScheduler(engine, SchedulerConfig(kv_budget_tokens=10**9, max_rows=4, prefill_tokens=400), stats).session(
+        SamplingParams(max_new_tokens=12), return_masks=True)
+    got, joined_running = {}, 0
+    for wave in (requests[:3], requests[3:5], requests[5:]):
+        if session.running:
+            joined_running += 1
+        for index, req in zip(session.submit(wave), wave):
+            assert index == requests.index(req)
+        for _ in range(2):  # two steps, then the next wave arrives
+            got.update(session.step())
+    while session.busy:
+        got.update(session.step())
+    assert joined_running >= 2  # the later waves really met running rows
+    assert sorted(got) == list(range(len(requests)))
+    for i, req in enumerate(requests):
+        alone = engine.generate([req], SamplingParams(max_new_tokens=12), return_masks=True)[0]
+        assert got[i].token_ids == alone.token_ids
+        if engine.prunes and req.images:
+            assert torch.equal(got[i].keep_mask, alone.keep_mask)
+    assert not session.busy and session.abort() == {}
+
+
+def test_abort_drops_the_started_rows_and_keeps_the_queue(engine):
+    session = ContinuousScheduler(engine, SchedulerConfig(kv_budget_tokens=10**9, max_rows=2, prefill_tokens=200)).session(
+        SamplingParams(max_new_tokens=12))
+    requests = mixed_requests(6)
+    ids = session.submit(requests)
+    done = [i for i, _ in session.step()]
+    dropped = session.abort()
+    assert dropped and all(dropped[i] is requests[i] for i in dropped)
+    rest = {}
+    while session.busy:  # the queued rows still run
+        rest.update(session.step())
+    assert sorted(done + list(dropped) + list(rest)) == ids
+
+
 def test_static_engine_honours_per_row_limits(engine):
     requests = mixed_requests(4)
     batch = engine.generate(requests, SamplingParams(max_new_tokens=12))

@@ -74,6 +74,33 @@ def keep_mask(logits: torch.Tensor, rule: KeepRule) -> torch.Tensor:
     return keep
 
 
+def keep_masks(logits: Sequence[torch.Tensor], rules: Sequence[KeepRule]) -> list[torch.Tensor]:
+    """`keep_mask` for every sample of a batch, equal to it row by row. The threshold, the kept share
+    and the cap/floor tests run once on the padded batch; only rows whose rule needs a top-k (a fixed
+    ratio, over the cap, under the floor) take their own `keep_mask`, so the per-row top-k (and its
+    tie order) is exactly the single-sample one. logits: per sample [N_b]; rules: one per sample."""
+    if not logits:
+        return []
+    device = logits[0].device
+    n = torch.tensor([x.numel() for x in logits], device=device)
+    padded = torch.nn.utils.rnn.pad_sequence([x.float() for x in logits], batch_first=True, padding_value=float("-inf"))
+    probs = padded.sigmoid()  # padding -> 0, never above a threshold in (0, 1)
+    threshold = torch.tensor([r.threshold for r in rules], dtype=probs.dtype, device=device)[:, None]
+    keep = probs > threshold  # [B, N_max]
+    counts = keep.sum(dim=1)
+    # keep.float().mean() of one sample is float32(count) / float32(N): the same rounding here.
+    shares = (counts.float() / n.clamp(min=1).float()).tolist()
+    out = []
+    for b, (lg, rule, count, share) in enumerate(zip(logits, rules, counts.tolist(), shares)):
+        capped = rule.max_remain_ratio is not None and share > rule.max_remain_ratio
+        floored = rule.min_remain_num is not None and count < rule.min_remain_num
+        if lg.numel() == 0 or rule.fixed_remain_ratio is not None or capped or floored:
+            out.append(keep_mask(lg, rule))
+        else:
+            out.append(keep[b, : lg.numel()])
+    return out
+
+
 def split_per_image(mask: torch.Tensor, tokens_per_image: Sequence[int]) -> list[int]:
     """Kept-token count of each image of one sample. mask: [sum(tokens_per_image)]."""
     if mask.numel() != sum(tokens_per_image):

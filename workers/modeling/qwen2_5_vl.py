@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from . import compat
 from .glimpse import GlimpseModules
-from .keep_rule import KeepRule, keep_mask
+from .keep_rule import KeepRule, keep_masks
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ class QwenGlimpseModel:
         logits_all = self.modules.attn_fuser(attn_in, feats, [tuple(g) for g in grids])  # [N]
         per_sample = torch.split(logits_all, [sum(v) for v in visual])
         own = list(rules) if rules is not None else [None] * len(per_sample)
-        keeps = [keep_mask(lg, r if r is not None else rule) for lg, r in zip(per_sample, own)]
+        keeps = keep_masks(per_sample, [r if r is not None else rule for r in own])
         # Drop the glimpse (last slot), then the pruned visual tokens; each row keeps its survivors.
         return self._compact(
             _Stage(hidden[:, :-1], positions[:, :, :-1], inputs, cache, k_last, visual, drop_last_kv=True), keeps, per_sample

@@ -2,7 +2,10 @@
 allows and leave it the step they finish.
 
 `ContinuousScheduler(engine, config).run(requests, sampling)` yields `(index, GenerationResult)` as
-rows finish (not in input order). Per loop iteration:
+rows finish (not in input order). `.session(sampling)` gives the same loop one step at a time
+(`Session.step`), taking new requests between steps (`Session.submit`): the model actor feeds it
+block after block (`workers.generate.EngineLoop`), so rows keep flowing across Ray batches. Per loop
+iteration (step):
 
   1. **Glimpse chunks.** While the decode batch has free slots and too few rows are ready to fill
      them, the next chunk of waiting requests (packed by raw tokens under `prefill_tokens`) goes
@@ -154,54 +157,106 @@ class ContinuousScheduler:
 
     def __init__(self, engine, config: SchedulerConfig, stats: Optional[SchedulerStats] = None):
         self.engine = engine
-        self.core = engine.core
         self.config = config
-        self.layers = len(self.core.lm.layers)
         self.stats = stats if stats is not None else SchedulerStats()
         self.stats.kv_budget_tokens = config.kv_budget_tokens
 
-    # ---- public --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(
         self, requests: Sequence[GenerationRequest], sampling: SamplingParams = SamplingParams(), prune: bool = True,
         return_masks: bool = False,
     ) -> Iterator[tuple[int, GenerationResult]]:
         """Yield (request index, result) as rows finish. A request may set its own max_new_tokens and
         seed. Requests with explicit keep masks are not supported here (use `engine.generate`)."""
-        if any(r.keep_mask is not None for r in requests):
-            raise ValueError("the continuous scheduler runs the keep rule; explicit keep masks go through engine.generate")
+        session = self.session(sampling, prune, return_masks)
+        session.submit(requests)
+        while session.busy:
+            yield from session.step()
+
+    def session(self, sampling: SamplingParams = SamplingParams(), prune: bool = True,
+                return_masks: bool = False) -> "Session":
+        """A scheduler state that takes new requests at any step (`Session.submit`), so rows of later
+        batches join the decode batch while earlier ones are still running."""
+        return Session(self, sampling, prune, return_masks)
+
+
+class Session:
+    """One running continuous batch. `submit(requests)` queues rows (any time, also between steps)
+    and returns their indices; `step()` runs one loop iteration (glimpse chunks while slots are
+    free, admission, one decode step) and returns the rows that finished in it; `busy` says whether
+    rows are queued or running. After a failed step, `abort()` drops the rows that had started and
+    returns them (the caller decides what to do with them); queued rows stay. Indices count up over the session's life.
+    Not thread-safe: one thread steps it."""
+
+    def __init__(self, scheduler: ContinuousScheduler, sampling: SamplingParams, prune: bool, return_masks: bool):
+        self.engine = scheduler.engine
+        self.core = scheduler.engine.core
+        self.config = scheduler.config
+        self.layers = len(self.core.lm.layers)
+        self.stats = scheduler.stats
         self._prune = prune and self.engine.prunes
         self._sampling = sampling
         self._return_masks = return_masks
-        self._requests = list(requests)
         self._base_seed = base_seed(sampling)
-        raw = [_raw_length(r) for r in requests]
-        chunks = deque(self._chunks(raw))
-        ready: deque = deque()
-        run: Optional[_Running] = None
-        eos = torch.tensor(self.engine.eos_ids, device=self.engine.device)
-        while chunks or ready or run is not None:
-            free = self.config.max_rows - (run.size if run else 0)
-            while chunks and free > 0 and len(ready) < free:
-                ready.extend(self._glimpse(chunks.popleft()))
-            run = self._admit(run, ready)
-            run, finished = self._step(run, eos)
-            yield from finished
+        self._requests: dict = {}  # index -> request, while unfinished
+        self._raw: dict = {}  # index -> raw length
+        self._next = 0
+        self._waiting: deque = deque()
+        self._ready: deque = deque()
+        self._run: Optional[_Running] = None
+        self._eos = torch.tensor(self.engine.eos_ids, device=self.engine.device)
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> list:
+        if any(r.keep_mask is not None for r in requests):
+            raise ValueError("the continuous scheduler runs the keep rule; explicit keep masks go through engine.generate")
+        indices = list(range(self._next, self._next + len(requests)))
+        self._next += len(requests)
+        for i, r in zip(indices, requests):
+            self._requests[i] = r
+            self._raw[i] = _raw_length(r)
+        self._waiting.extend(indices)
+        return indices
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._ready or self._run is not None)
+
+    @property
+    def running(self) -> int:
+        return self._run.size if self._run is not None else 0
+
+    @torch.inference_mode()
+    def step(self) -> list:
+        free = self.config.max_rows - self.running
+        while self._waiting and free > 0 and len(self._ready) < free:
+            self._ready.extend(self._glimpse(self._next_chunk()))
+        self._run = self._admit(self._run, self._ready)
+        self._run, finished = self._step(self._run, self._eos)
+        for i, _ in finished:
+            del self._requests[i], self._raw[i]
+        return finished
+
+    def abort(self) -> dict:
+        """After a failed step: drop every row that had started (in a glimpse chunk, glimpsed, or
+        decoding) and return them as {index: request}; rows still waiting stay queued."""
+        waiting = set(self._waiting)
+        started = {i: r for i, r in self._requests.items() if i not in waiting}
+        for i in started:
+            del self._requests[i], self._raw[i]
+        self._ready.clear()
+        self._run = None
+        return started
 
     # ---- stages -----------------------------------------------------------------------------------
-    def _chunks(self, raw: list) -> list:
-        """Requests in input order, cut into chunks of <= prefill_tokens padded raw tokens and <= max_rows."""
-        chunks, current, longest = [], [], 0
-        for i, n in enumerate(raw):
-            cost = (len(current) + 1) * max(longest, n)
-            if current and (cost > self.config.prefill_tokens or len(current) >= self.config.max_rows):
-                chunks.append(current)
-                current, longest = [], 0
-            current.append(i)
+    def _next_chunk(self) -> list:
+        """The next waiting requests, in order, up to prefill_tokens padded raw tokens and max_rows."""
+        chunk, longest = [], 0
+        while self._waiting:
+            n = self._raw[self._waiting[0]]
+            if chunk and ((len(chunk) + 1) * max(longest, n) > self.config.prefill_tokens or len(chunk) >= self.config.max_rows):
+                break
+            chunk.append(self._waiting.popleft())
             longest = max(longest, n)
-        if current:
-            chunks.append(current)
-        return chunks
+        return chunk
 
     def _glimpse(self, chunk: list) -> list:
         engine = self.engine
