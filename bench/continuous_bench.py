@@ -29,8 +29,9 @@ token, next to the analytic decoder prefill FLOPs ratio for this model (engine_b
 and the cache-token ratio.
 
 Part 4, across blocks (the model stage's calls): blocks of 4 x max_rows rows (the pipeline's block),
-one call at a time (each block drains before the next: the model stage before rows flowed across
-blocks) against `--in-flight` calls sharing one running batch (`workers.generate.EngineLoop`), captions
+static batching block by block, and the continuous scheduler one call at a time (each block drains
+before the next: the model stage before rows flowed across blocks) against `--in-flight` calls sharing
+one running batch (`workers.generate.EngineLoop`), captions
 as in part 1. Reported: rows/s of each, the ratio, decode steps and the prediction at equal step cost.
 
 Run: `python bench/continuous_bench.py [--quick] [--rows R] [--parts 1 2 3 4] [--out FILE]`; JSON to --out (default
@@ -168,20 +169,34 @@ def part4(engine, requests, sampling, args) -> dict:
     block drains) against `--in-flight` calls sharing one running batch. ABBA over --repeats rounds.
     Prediction at equal step cost: drained decode steps / shared decode steps."""
     block_rows = 4 * args.max_rows
-    runs = {"one_call": [], "shared": []}
+    blocks = [requests[i:i + block_rows] for i in range(0, len(requests), block_rows)]
+    runs = {"static": [], "one_call": [], "shared": []}
+
+    def static_blocks():  # the static model stage, block by block
+        got = [run_static(engine, b, sampling, args.max_rows, 10**9, args.prefill_tokens) for b in blocks]
+        wall = sum(g["wall_s"] for g in got)
+        return {"wall_s": wall, "rows_per_s": len(requests) / wall, "decode_steps": sum(g["decode_steps"] for g in got),
+                "slot_occupancy": statistics.mean(g["slot_occupancy"] for g in got), "tokens": [t for g in got for t in g["tokens"]]}
+
     for _ in range(args.repeats):
-        for mode in ("one_call", "shared", "shared", "one_call"):
-            flight = 1 if mode == "one_call" else args.in_flight
-            runs[mode].append(run_blocks(engine, requests, sampling, args.max_rows, block_rows, flight, args.prefill_tokens))
+        for mode in ("static", "one_call", "shared", "shared", "one_call", "static"):
+            if mode == "static":
+                runs[mode].append(static_blocks())
+            else:
+                flight = 1 if mode == "one_call" else args.in_flight
+                runs[mode].append(run_blocks(engine, requests, sampling, args.max_rows, block_rows, flight, args.prefill_tokens))
     med = {m: statistics.median(r["rows_per_s"] for r in rs) for m, rs in runs.items()}
     steps = {m: rs[0]["decode_steps"] for m, rs in runs.items()}
     return {
         "rows": len(requests), "block_rows": block_rows, "in_flight": args.in_flight, "max_rows": args.max_rows,
         "rows_per_s": med, "ratio_shared_over_one_call": med["shared"] / med["one_call"],
+        "ratio_shared_over_static": med["shared"] / med["static"],
         "all_ratios": [b["rows_per_s"] / a["rows_per_s"] for a, b in zip(runs["one_call"], runs["shared"])],
+        "all_ratios_over_static": [b["rows_per_s"] / a["rows_per_s"] for a, b in zip(runs["static"], runs["shared"])],
         "decode_steps": steps, "predicted_ratio_equal_step_cost": steps["one_call"] / max(steps["shared"], 1),
+        "predicted_ratio_over_static_equal_step_cost": steps["static"] / max(steps["shared"], 1),
         "slot_occupancy": {m: rs[0]["slot_occupancy"] for m, rs in runs.items()},
-        "same_tokens": runs["one_call"][0]["tokens"] == runs["shared"][0]["tokens"],
+        "same_tokens": runs["one_call"][0]["tokens"] == runs["shared"][0]["tokens"] == runs["static"][0]["tokens"],
     }
 
 
@@ -350,10 +365,12 @@ def print_report(result: dict) -> None:
     p4 = result.get("part4_across_blocks")
     if p4:
         print(f"part 4: {p4['rows']} rows in blocks of {p4['block_rows']}, max_rows {p4['max_rows']}")
-        print(f"  rows/s one call at a time {p4['rows_per_s']['one_call']:.3f}  {p4['in_flight']} calls sharing one batch "
-              f"{p4['rows_per_s']['shared']:.3f}  ratio {p4['ratio_shared_over_one_call']:.2f} (predicted at equal step cost "
-              f"{p4['predicted_ratio_equal_step_cost']:.2f}); decode steps {p4['decode_steps']}; occupancy "
-              f"{p4['slot_occupancy']['one_call']:.2f} / {p4['slot_occupancy']['shared']:.2f}; same tokens: {p4['same_tokens']}")
+        print(f"  rows/s static {p4['rows_per_s']['static']:.3f}  continuous one call at a time {p4['rows_per_s']['one_call']:.3f}  "
+              f"{p4['in_flight']} calls sharing one batch {p4['rows_per_s']['shared']:.3f}")
+        print(f"  shared / one call {p4['ratio_shared_over_one_call']:.2f} (predicted at equal step cost "
+              f"{p4['predicted_ratio_equal_step_cost']:.2f}); shared / static {p4['ratio_shared_over_static']:.2f} (predicted "
+              f"{p4['predicted_ratio_over_static_equal_step_cost']:.2f}); decode steps {p4['decode_steps']}; occupancy "
+              f"{p4['slot_occupancy']}; same tokens: {p4['same_tokens']}")
 
 
 def _print_part1(result: dict) -> None:

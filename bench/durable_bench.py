@@ -228,7 +228,7 @@ def combine_engine_runs(before: dict, after: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5000)
-    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--scale", type=int, default=4, help="the memory run's input: this many copies of the rows (1: no such run)")
     ap.add_argument("--rows-per-shard", type=int, default=100)
     ap.add_argument("--model", choices=("shipped", "tiny"), default="shipped")
     ap.add_argument("--max-new-tokens", type=int, default=4)
@@ -242,29 +242,32 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="durable-bench-"))
     models = model_dirs(args.model, root)
     small = make_inputs(root, args.rows, args.rows_per_shard)
-    large = replicate_inputs(small, args.scale)
+    large = replicate_inputs(small, args.scale) if args.scale > 1 else None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     engine_before = run_engine(small, models, args)
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     one = run_pipeline(small, root / "out-1x", models, args)
-    many = run_pipeline(large, root / f"out-{args.scale}x", models, args)
+    many = run_pipeline(large, root / f"out-{args.scale}x", models, args) if large is not None else None
     ray.shutdown()
     engine_after = run_engine(small, models, args)
     engine = combine_engine_runs(engine_before, engine_after)
-    ratios = {
-        "first_durable_share_1x": one["first_durable_share"], f"first_durable_share_{args.scale}x": many["first_durable_share"],
-        f"object_store_peak_{args.scale}x_over_1x": many["peak_object_store_bytes"] / max(one["peak_object_store_bytes"], 1),
-        f"driver_rss_peak_{args.scale}x_over_1x": many["peak_driver_rss_bytes"] / max(one["peak_driver_rss_bytes"], 1),
-        "pipeline_steady_over_engine_1x": (one["steady_rows_per_s"] or 0) / engine["rows_per_s"],
-        f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / engine["rows_per_s"],
-        # Model-actor CPU per row (its start included) over the engine's: above 1, each row costs the
-        # actor more CPU than in-process (cores shared with image decoding, Ray's processes).
-        f"actor_cpu_per_row_over_engine_{args.scale}x": many["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"],
-    }
+    ratios = {"first_durable_share_1x": one["first_durable_share"],
+              "pipeline_steady_over_engine_1x": (one["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+              "actor_cpu_per_row_over_engine_1x": one["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"]}
+    if many is not None:
+        ratios.update({
+            f"first_durable_share_{args.scale}x": many["first_durable_share"],
+            f"object_store_peak_{args.scale}x_over_1x": many["peak_object_store_bytes"] / max(one["peak_object_store_bytes"], 1),
+            f"driver_rss_peak_{args.scale}x_over_1x": many["peak_driver_rss_bytes"] / max(one["peak_driver_rss_bytes"], 1),
+            f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+            # Model-actor CPU per row (its start included) over the engine's: above 1, each row costs the
+            # actor more CPU than in-process (cores shared with image decoding, Ray's processes).
+            f"actor_cpu_per_row_over_engine_{args.scale}x": many["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"],
+        })
     result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "load_avg": os.getloadavg()},
-              "pipeline_1x": one, f"pipeline_{args.scale}x": many, "engine_1x": engine,
+              "pipeline_1x": one, **({f"pipeline_{args.scale}x": many} if many is not None else {}), "engine_1x": engine,
               "engine_runs": {"before": engine_before, "after": engine_after}, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
