@@ -41,18 +41,39 @@ def _loop(engine, stats=None, max_rows=8):
                                           stats), SAMPLING)
 
 
-def test_calls_in_flight_share_one_batch_and_match_batch_of_one(engine):
+def _gate(loop, monkeypatch) -> threading.Event:
+    """Hold the loop's first step until the returned event is set, so the test (not the OS scheduler)
+    decides which calls have submitted by then: the first call's rows start alone and the others
+    arrive while they decode."""
+    opened = threading.Event()
+    step = loop.session.step
+
+    def gated():
+        assert opened.wait(60)
+        return step()
+
+    monkeypatch.setattr(loop.session, "step", gated)
+    return opened
+
+
+def test_calls_in_flight_share_one_batch_and_match_batch_of_one(engine, monkeypatch):
     stats = SchedulerStats()
     loop = _loop(engine, stats)
-    blocks = [_requests(3, seed) for seed in (10, 20, 30)]
+    opened = _gate(loop, monkeypatch)
+    blocks = [_requests(3, seed) for seed in (10, 20, 30)]  # every row makes >= 3 tokens
     results: dict = {}
+    submitted = threading.Barrier(4)
 
     def call(k):  # what each concurrent call of the model stage does
-        results[k] = [f.result(timeout=120) for f in loop.submit(blocks[k])]
+        futures = loop.submit(blocks[k])
+        submitted.wait(60)
+        results[k] = [f.result(timeout=120) for f in futures]
 
     threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
+    submitted.wait(60)
+    opened.set()
     for t in threads:
         t.join()
     assert sorted(results) == [0, 1, 2]
@@ -64,13 +85,15 @@ def test_calls_in_flight_share_one_batch_and_match_batch_of_one(engine):
             assert torch.equal(res.keep_mask, alone.keep_mask)
 
 
-def test_a_later_call_joins_rows_that_are_still_decoding(engine):
+def test_a_later_call_joins_rows_that_are_still_decoding(engine, monkeypatch):
     stats = SchedulerStats()
     loop = _loop(engine, stats)
+    opened = _gate(loop, monkeypatch)
     first = [GenerationRequest(images=(patterned_image(84, 84, i),), prompt="Describe the image.", max_new_tokens=12)
              for i in range(2)]
     early = loop.submit(first)
     late = loop.submit(_requests(2, 40))  # submitted while the first call's rows are queued or running
+    opened.set()
     got = [f.result(timeout=120) for f in early + late]
     assert stats.peak_rows >= 3 and stats.admissions >= 1
     assert [r.token_ids for r in got] == [engine.generate([q], SAMPLING)[0].token_ids for q in first + _requests(2, 40)]
