@@ -67,7 +67,7 @@ def _engine_bench():
 EB = _engine_bench()
 
 
-def make_requests(count: int, image_size: int, lengths: Sequence[int], seed: int) -> list:
+def make_requests(count: int, image_size: int, lengths: Sequence[int], seed: int, prompt: str = PROMPT) -> list:
     from PIL import Image
 
     from workers.modeling.api import GenerationRequest
@@ -76,7 +76,7 @@ def make_requests(count: int, image_size: int, lengths: Sequence[int], seed: int
     out = []
     for i in range(count):
         pixels = torch.randint(0, 256, (image_size, image_size, 3), generator=gen, dtype=torch.uint8)
-        out.append(GenerationRequest(images=(Image.fromarray(pixels.numpy(), "RGB"),), prompt=PROMPT,
+        out.append(GenerationRequest(images=(Image.fromarray(pixels.numpy(), "RGB"),), prompt=prompt,
                                      max_new_tokens=int(lengths[i])))
     return out
 
@@ -349,11 +349,16 @@ def _run(args) -> dict:
         block_lengths = draw_lengths(blocks_rows, min(args.min_new, args.max_new), args.max_new, args.seed + 2)
         result["part4_across_blocks"] = part4(engine, make_requests(blocks_rows, args.part1_image_size, block_lengths, args.seed + 2),
                                               sampling, args)
+    return finish(result, started, args.out, print_report)
+
+
+def finish(result: dict, started: float, out: Path, report) -> dict:
+    """Wall time into the result, the printed report, the JSON to `out`."""
     result["bench_wall_s"] = time.perf_counter() - started
-    print_report(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.out}")
+    report(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}")
     return result
 
 

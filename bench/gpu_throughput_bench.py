@@ -27,8 +27,6 @@ min on an H100). `--quick` runs the same code on CPU with the tiny model in seco
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -39,21 +37,13 @@ from typing import Optional, Sequence
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+import continuous_bench as CB  # noqa: E402 - the workload helpers; it loads engine_bench (EB)
+
+EB = CB.EB
 PROMPT_VQA = "What color is the largest shape in the image?"
-PROMPT_CAPTION = "Describe the image in detail: the shapes, their colors and where they are."
+PROMPT_CAPTION = CB.PROMPT
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0))
-
-
-def _engine_bench():
-    spec = importlib.util.spec_from_file_location("engine_bench", HERE / "engine_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["engine_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-EB = _engine_bench()
 
 
 def attention_kinds(device: str) -> list:
@@ -78,16 +68,7 @@ def build_engine(args, attn: str):
 
 
 def make_requests(count: int, image_size: int, prompt: str, new_tokens: int, seed: int) -> list:
-    from PIL import Image
-
-    from workers.modeling.api import GenerationRequest
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        pixels = torch.randint(0, 256, (image_size, image_size, 3), generator=gen, dtype=torch.uint8)
-        out.append(GenerationRequest(images=(Image.fromarray(pixels.numpy(), "RGB"),), prompt=prompt, max_new_tokens=new_tokens))
-    return out
+    return CB.make_requests(count, image_size, [new_tokens] * count, seed, prompt)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,12 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "peak_tflops": peak_tflops(args),
         "by_attention": [bench_attention(args, attn) for attn in attention_kinds(args.device)],
     }
-    result["bench_wall_s"] = time.perf_counter() - started
-    print_report(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {args.out}")
-    return result
+    return CB.finish(result, started, args.out, print_report)
 
 
 if __name__ == "__main__":
