@@ -21,8 +21,8 @@ over the device's bf16 dense peak (`--peak-tflops`, default from the device name
 Ratios: images/s pruned / unpruned per task and attention, concurrency pruned / unpruned.
 Targets (issue 9): captions >= 2x images/s pruned vs unpruned; the pruned run >= 50% MFU.
 
-Run on the GPU: `python bench/gpu_throughput_bench.py --out bench/results/gpu_throughput.json` (about 4
-min on an H100). `--quick` runs the same code on CPU with the tiny model in seconds (the smoke test).
+Run on the GPU: `python bench/gpu_throughput_bench.py --out bench/results/gpu_throughput.json` (never
+run on a GPU yet; a few minutes on an H100 by estimate). `--quick` runs the same code on CPU with the tiny model in seconds (the smoke test).
 """
 from __future__ import annotations
 
@@ -116,8 +116,9 @@ def run_flops(engine, results: list, prune: bool) -> float:
         f = EB.prefill_flops(dims, vip, visual, text_tokens, EB.KEEP_RATIO)
         total += vit_flops(vision, visual) + (f["pruned_flops"] if prune else f["unpruned_flops"]) + head
         cache = text_tokens + (res.kept_tokens if prune else visual)
-        for step in range(max(res.output_tokens - 1, 0)):  # decoder forwards after the prefill
-            total += 2 * params + head + 4 * dims.num_layers * dims.heads * dims.head_dim * (cache + step + 1)
+        steps = max(res.output_tokens - 1, 0)  # decoder forwards after the prefill; step s attends to cache + s + 1
+        attended = steps * cache + steps * (steps + 1) // 2
+        total += steps * (2 * params + head) + 4 * dims.num_layers * dims.heads * dims.head_dim * attended
     return total
 
 

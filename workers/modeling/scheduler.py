@@ -184,8 +184,8 @@ class Session:
     and returns their indices; `step()` runs one loop iteration (glimpse chunks while slots are
     free, admission, one decode step) and returns the rows that finished in it; `busy` says whether
     rows are queued or running. After a failed step, `abort()` drops the rows that had started and
-    returns them (the caller decides what to do with them); queued rows stay. Indices count up over the session's life.
-    Not thread-safe: one thread steps it."""
+    returns them (the caller decides what to do with them); queued rows stay. Indices count up over
+    the session's life. Not thread-safe: one thread steps it."""
 
     def __init__(self, scheduler: ContinuousScheduler, sampling: SamplingParams, prune: bool, return_masks: bool):
         self.engine = scheduler.engine
@@ -198,7 +198,6 @@ class Session:
         self._return_masks = return_masks
         self._base_seed = base_seed(sampling)
         self._requests: dict = {}  # index -> request, while unfinished
-        self._raw: dict = {}  # index -> raw length
         self._next = 0
         self._waiting: deque = deque()
         self._ready: deque = deque()
@@ -210,9 +209,7 @@ class Session:
             raise ValueError("the continuous scheduler runs the keep rule; explicit keep masks go through engine.generate")
         indices = list(range(self._next, self._next + len(requests)))
         self._next += len(requests)
-        for i, r in zip(indices, requests):
-            self._requests[i] = r
-            self._raw[i] = _raw_length(r)
+        self._requests.update(zip(indices, requests))
         self._waiting.extend(indices)
         return indices
 
@@ -232,7 +229,7 @@ class Session:
         self._run = self._admit(self._run, self._ready)
         self._run, finished = self._step(self._run, self._eos)
         for i, _ in finished:
-            del self._requests[i], self._raw[i]
+            del self._requests[i]
         return finished
 
     def abort(self) -> dict:
@@ -241,7 +238,7 @@ class Session:
         waiting = set(self._waiting)
         started = {i: r for i, r in self._requests.items() if i not in waiting}
         for i in started:
-            del self._requests[i], self._raw[i]
+            del self._requests[i]
         self._ready.clear()
         self._run = None
         return started
@@ -251,7 +248,7 @@ class Session:
         """The next waiting requests, in order, up to prefill_tokens padded raw tokens and max_rows."""
         chunk, longest = [], 0
         while self._waiting:
-            n = self._raw[self._waiting[0]]
+            n = _raw_length(self._requests[self._waiting[0]])
             if chunk and ((len(chunk) + 1) * max(longest, n) > self.config.prefill_tokens or len(chunk) >= self.config.max_rows):
                 break
             chunk.append(self._waiting.popleft())
