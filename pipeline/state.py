@@ -27,8 +27,9 @@ Invariants:
     everything.
   - Exactly one run owns an output (`_lease.json`, created with a conditional put). Writers of an
     earlier, killed run check the lease before each part and stop, so they cannot touch a new run's
-    output. A lease whose holder is dead (same host, pid gone) or silent (no heartbeat for
-    `LEASE_TTL_S`) is taken over.
+    output. A lease whose holder is dead (same host, pid gone), silent (no heartbeat for
+    `LEASE_TTL_S`) or an ended run of this same process (its removal failed) is taken over; release
+    waits for a heartbeat under way, so a late heartbeat cannot recreate a released lease.
 """
 from __future__ import annotations
 
@@ -248,6 +249,9 @@ class OutputBusy(RuntimeError):
     """Another live run owns the output."""
 
 
+_HELD: set = set()  # run ids of the leases this process holds now
+
+
 @dataclass
 class Lease:
     """Ownership of one output location for one run (see module docstring)."""
@@ -268,6 +272,7 @@ class Lease:
     def acquire(self) -> "Lease":
         for _ in range(2):
             if storage.put_if_absent(self.url, self._body(), self.output.storage):
+                _HELD.add(self.run_id)
                 self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
                 self._thread.start()
                 return self
@@ -304,6 +309,9 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not None:  # a heartbeat under way must land before the removal, not after it
+            self._thread.join(timeout=LEASE_TTL_S)
+        _HELD.discard(self.run_id)
         try:
             holder = self.holder()
             if holder and holder.get("run_id") == self.run_id:
@@ -317,6 +325,8 @@ def _stale(holder: Mapping[str, Any]) -> Optional[str]:
     if age > LEASE_TTL_S:
         return f"no heartbeat for {age:.0f} s"
     if holder.get("host") == socket.gethostname():
+        if str(holder.get("pid")) == str(os.getpid()) and holder.get("run_id") not in _HELD:
+            return "its run in this process has ended (its release did not get through)"
         try:
             os.kill(int(holder.get("pid", -1)), 0)
         except ProcessLookupError:

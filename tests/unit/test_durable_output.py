@@ -3,6 +3,7 @@ passthrough packing, per-row UTF-8 decoding, per-shard schema checks, fingerprin
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,3 +94,40 @@ def test_lease_refuses_a_second_run_and_takes_over_a_dead_one(tmp_path):
     second = state.Lease(output).acquire()
     assert second.holder()["run_id"] == second.run_id
     second.release()
+
+
+def test_release_waits_for_a_heartbeat_under_way(tmp_path, monkeypatch):
+    """A heartbeat write still in flight at release must land before the removal: otherwise it
+    recreates the lease and the next run on this output is refused (seen under a fault proxy)."""
+    import threading
+
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    writing = threading.Event()
+    real_write = state.storage.write_bytes
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        time.sleep(0.5)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(state.storage, "write_bytes", slow_write)
+    lease = state.Lease(output).acquire()
+    assert writing.wait(10)
+    lease.release()
+    time.sleep(0.7)  # past the end of a write that release did not wait for
+    assert not (tmp_path / "out" / state.LEASE_NAME).exists()
+
+
+def test_a_lease_left_by_an_ended_run_of_this_process_is_taken_over(tmp_path):
+    output = OutputSpec(uri=str(tmp_path / "out"))
+    ended = state.Lease(output)  # never acquired here: as if its release had not got through
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / state.LEASE_NAME).write_bytes(ended._body())
+    second = state.Lease(output).acquire()
+    try:
+        assert second.holder()["run_id"] == second.run_id
+        with pytest.raises(state.OutputBusy, match="in use by run"):  # a live run of this process still holds it
+            state.Lease(output).acquire()
+    finally:
+        second.release()
