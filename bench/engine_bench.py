@@ -71,6 +71,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from workers.modeling import flops as F
+
 KEEP_RATIO = 0.111  # the paper's efficiency setting (fixed_remain_ratio)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine_bench.json"
 PROMPT = "Describe the image in detail: the shapes, their colors and where they are."
@@ -112,27 +114,20 @@ QWEN25_VL_3B = DecoderDims("Qwen2.5-VL-3B", 36, 2048, 16, 2, 11008, reduce_layer
 QWEN25_VL_7B = DecoderDims("Qwen2.5-VL-7B", 28, 3584, 28, 4, 18944, reduce_layer=18)
 
 
+def _text(dims: DecoderDims) -> F.TextDims:
+    return F.TextDims(layers=dims.num_layers, hidden=dims.hidden, heads=dims.heads, kv_heads=dims.kv_heads,
+                      head_dim=dims.head_dim, intermediate=dims.intermediate)
+
+
 def layer_flops(dims: DecoderDims, n: int) -> float:
     """Matmul FLOPs of one decoder layer running n tokens causally with an empty cache."""
-    d, hd = dims.hidden, dims.head_dim
-    projections = 2 * n * d * (2 * d + 2 * dims.kv_heads * hd)
-    attention = 4 * dims.heads * hd * n * (n + 1) / 2
-    mlp = 6 * n * d * dims.intermediate
-    return projections + attention + mlp
+    return F.layer_flops(_text(dims), n)
 
 
 def vip_flops(dims: DecoderDims, vip: VipDims, n: int) -> float:
     """Matmul FLOPs of the VIP on one image of n visual tokens."""
-    f, c = vip.fuse, vip.cond
-    per_level = (
-        2 * n * vip.vision_hidden * c
-        + 4 * n * (f + c) ** 2
-        + 4 * n * f**2
-        + 2 * n * n * (f + c)
-        + 2 * n * n * f
-        + 12 * n * f**2
-    )
-    return 2 * n * dims.num_selected_layers * dims.heads * f + 2 * n * f + vip.levels * per_level
+    return F.vip_flops(F.VipDims(vision_hidden=vip.vision_hidden, fuse=vip.fuse, cond=vip.cond, levels=vip.levels,
+                                 attn_in=dims.num_selected_layers * dims.heads), n)
 
 
 def keep_count(visual_tokens: int, keep_ratio: float) -> int:
@@ -142,10 +137,10 @@ def keep_count(visual_tokens: int, keep_ratio: float) -> int:
 
 def prefill_flops(dims: DecoderDims, vip: VipDims, visual: int, text: int, keep_ratio: float = KEEP_RATIO) -> dict:
     """Prefill FLOPs unpruned vs GlimpsePrune for one sample (formula in the module docstring)."""
-    k1, d = dims.reduce_layer + 1, dims.hidden
+    k1 = dims.reduce_layer + 1
     kept = keep_count(visual, keep_ratio)
     unpruned = dims.num_layers * layer_flops(dims, text + visual)
-    glimpse = k1 * 2 * d * d + dims.num_selected_layers * 2 * dims.heads * dims.head_dim * visual
+    glimpse = F.glimpse_extra_flops(_text(dims), dims.reduce_layer, dims.num_selected_layers, visual)
     vip_part = vip_flops(dims, vip, visual)
     pruned = (
         k1 * layer_flops(dims, text + visual + 1)

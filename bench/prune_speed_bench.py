@@ -7,11 +7,12 @@ fresh output directory; per run: run_job's wall time and its steady-state rows/s
 10% and 90% of the run: the actor start and the tail excluded). Ratios are glimpse / none of the medians.
 
 Next to them, the analytic prediction (`workers.training.flops.prefill_report`): prefill FLOPs pruned /
-unpruned at the mean keep ratio and mean prompt length the glimpse runs measured (ViT + LM, matmuls only).
+unpruned at the mean keep ratio and mean prompt length the glimpse runs measured (ViT + LM, and on the
+pruned side the glimpse pass and the VIP; matmuls only).
 Decode is not in that figure: a pruned row also decodes against a shorter cache, so the end-to-end
 ratio can be lower (better) than the prefill one, or higher where per-call overheads dominate.
 
-    python bench/prune_speed_bench.py [--rows 400] [--repeats 2] [--out reports/bench/prune_speed.json]
+    python bench/prune_speed_bench.py [--rows 400] [--repeats 2] [--modules DIR] [--out reports/bench/prune_speed.json]
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def run_once(inputs: Path, output: Path, mode: str, args) -> dict:
     from pipeline.run import run_job
 
     job = load_job(REPO / "jobs" / "demo.yaml", [
-        f"input.uri={inputs}", f"output.uri={output}", f"pruning.mode={mode}",
+        f"input.uri={inputs}", f"output.uri={output}", f"pruning.mode={mode}", f"model.glimpse_modules={args.modules}",
         f"sampling.max_new_tokens={args.max_new_tokens}",
     ])
     start = time.monotonic()
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="ABBA pairs")
     ap.add_argument("--seed", type=int, default=6161)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--modules", default=str(MODULES), help="glimpse modules dir (default: the shipped ones)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "prune_speed.json"))
     args = ap.parse_args(argv)
 
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
     visual = sum(r["visual_tokens"] for r in glimpse_runs) / max(sum(r["rows_ok"] for r in glimpse_runs), 1)
     text = sum(r["prompt_tokens"] - r["visual_tokens"] for r in glimpse_runs) / max(sum(r["rows_ok"] for r in glimpse_runs), 1)
     config = json.loads((BASE / "config.json").read_text())
-    reduce_layer = json.loads((MODULES / "config.json").read_text()).get("reduce_layer", 1)
-    analytic = prefill_report(config, 336, round(text), keep, reduce_layer)
+    glimpse = json.loads((Path(args.modules) / "config.json").read_text())
+    analytic = prefill_report(config, 336, round(text), keep, glimpse.get("reduce_layer", 1), glimpse)
     ratios = {
         "wall_glimpse_over_none": median("glimpse", "wall_s") / median("none", "wall_s"),
         "steady_rows_per_s_glimpse_over_none": median("glimpse", "steady_rows_per_s") / median("none", "steady_rows_per_s"),

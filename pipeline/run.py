@@ -623,9 +623,12 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
     summary = writer.build_summary(totals, wall_s, job, shards_total=len(plan.keys), shards_skipped=len(plan.skipped), extra=extra)
     prediction = summary.get("pruning_prediction")
     if prediction and not prediction["pays"]:
-        log.warning("pruning can save little on these rows: predicted prefill work %.2f and decode cache %.2f of the "
-                    "unpruned model's (visual tokens are %.0f%% of the prompt); its glimpse pass may cost more than it saves",
-                    prediction["prefill_work_ratio"], prediction["kv_cache_ratio"], 100 * prediction["visual_share_of_prompt"])
+        flops = prediction["prefill_flops_ratio"]
+        log.warning("pruning can save little on these rows: predicted prefill %s, decode cache %.2f of the unpruned "
+                    "model's (visual tokens are %.0f%% of the prompt); its glimpse pass may cost more than it saves",
+                    (f"FLOPs {flops:.2f} (ViT and VIP included; decoder token-layers {prediction['prefill_work_ratio']:.2f})"
+                     if flops is not None else f"work {prediction['prefill_work_ratio']:.2f}"),
+                    prediction["kv_cache_ratio"], 100 * prediction["visual_share_of_prompt"])
     summary["rows_per_s"], summary["tokens_per_s"] = extra["this_run"]["rows_per_s"], extra["this_run"]["tokens_per_s"]
     if job.output.report and not interrupted:
         from pipeline import report

@@ -164,6 +164,8 @@ class RunStats:
     output_tokens: int = 0
     prefill_work_full: int = 0  # sum of prompt_tokens over rows with a prefill_work_ratio
     prefill_work_pruned: float = 0.0  # sum of prefill_work_ratio * prompt_tokens
+    prefill_flops_full: int = 0  # sum of prompt_tokens over rows with a prefill_flops_ratio
+    prefill_flops_pruned: float = 0.0  # sum of prefill_flops_ratio * prompt_tokens
 
     def __add__(self, other: "RunStats") -> "RunStats":
         return RunStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -174,11 +176,11 @@ class RunStats:
         ok = table.filter(pc.equal(table.column("status"), STATUS_OK))
         ratios = ok.column("keep_ratio").drop_null()
         total = lambda name: int(pc.sum(ok.column(name)).as_py() or 0)  # noqa: E731
-        work = ok.filter(pc.invert(pc.is_null(ok.column("prefill_work_ratio"))))
+        work_full, work_pruned = _weighted(ok, "prefill_work_ratio")
+        flops_full, flops_pruned = _weighted(ok, "prefill_flops_ratio")
         return cls(
-            prefill_work_full=int(pc.sum(work.column("prompt_tokens")).as_py() or 0),
-            prefill_work_pruned=float(pc.sum(pc.multiply(work.column("prefill_work_ratio"),
-                                                         pc.cast(work.column("prompt_tokens"), pa.float64()))).as_py() or 0.0),
+            prefill_work_full=work_full, prefill_work_pruned=work_pruned,
+            prefill_flops_full=flops_full, prefill_flops_pruned=flops_pruned,
             rows_total=table.num_rows, rows_ok=ok.num_rows, rows_error=table.num_rows - ok.num_rows,
             keep_ratio_sum=float(pc.sum(ratios).as_py() or 0.0), keep_ratio_rows=len(ratios),
             visual_tokens=total("visual_tokens"), kept_tokens=total("kept_tokens"),
@@ -191,6 +193,13 @@ class RunStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _weighted(ok: pa.Table, column: str) -> tuple[int, float]:
+    """(sum of prompt_tokens, sum of column * prompt_tokens) over the rows where `column` is set."""
+    rows = ok.filter(pc.invert(pc.is_null(ok.column(column))))
+    weights = pc.cast(rows.column("prompt_tokens"), pa.float64())
+    return int(pc.sum(rows.column("prompt_tokens")).as_py() or 0), float(pc.sum(pc.multiply(rows.column(column), weights)).as_py() or 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,18 +437,22 @@ def pruning_prediction(stats: RunStats) -> Optional[dict[str, Any]]:
     kv_cache_ratio: the decode cache pruned / unpruned at the answers' mid-point,
       (P - V + kept + O/2) / (P + O/2) with totals P prompt, V visual, O output tokens; it is the
       ratio that bounds how many more rows decode at once under one memory budget;
-    pays: False when both are close to 1 (prefill ratio >= 0.97 and cache ratio >= 0.9): the ViT,
-      the layers before the pruning point and the text dominate, so pruning costs its glimpse pass
-      and saves next to nothing.
+    prefill_flops_ratio: predicted prefill matmul FLOPs pruned / unpruned (per row from
+      `workers.modeling.flops`: the ViT, the decoder, the glimpse pass and the VIP; weighted by prompt
+      length; None for outputs written before the column existed);
+    pays: False when the prefill saves little and the cache shrinks little (prefill ratio >= 0.97,
+      the FLOPs one where known, and cache ratio >= 0.9): the ViT, the layers before the pruning point,
+      the VIP and the text dominate, so pruning costs its glimpse pass and saves next to nothing.
     """
     if not stats.prefill_work_full:
         return None
     half_out = stats.output_tokens / 2
     prefill = stats.prefill_work_pruned / stats.prefill_work_full
+    flops = stats.prefill_flops_pruned / stats.prefill_flops_full if stats.prefill_flops_full else None
     kv = (stats.prompt_tokens - stats.visual_tokens + stats.kept_tokens + half_out) / max(stats.prompt_tokens + half_out, 1e-9)
-    return {"prefill_work_ratio": prefill, "kv_cache_ratio": kv,
+    return {"prefill_work_ratio": prefill, "prefill_flops_ratio": flops, "kv_cache_ratio": kv,
             "visual_share_of_prompt": stats.visual_tokens / max(stats.prompt_tokens, 1),
-            "pays": not (prefill >= 0.97 and kv >= 0.9)}
+            "pays": not ((flops if flops is not None else prefill) >= 0.97 and kv >= 0.9)}
 
 
 def write_summary(output: OutputSpec, summary: Mapping[str, Any]) -> str:

@@ -60,6 +60,9 @@ OUTPUT_SCHEMA = pa.schema(
         _field("prefill_work_ratio", pa.float64(), "Predicted decoder prefill work with pruning over without, for this "
                "row: ((K+1)(T+N+1) + (L-K-1)(T+kept)) / (L(T+N)) with T text and N visual tokens, K the pruning layer "
                "of L; null when not pruned."),
+        _field("prefill_flops_ratio", pa.float64(), "Predicted prefill matmul FLOPs with pruning over without, for this "
+               "row: the ViT, the decoder at each length and GlimpsePrune's glimpse pass and VIP (workers.modeling.flops); "
+               "above 1 the pruning costs more than it saves; null when not pruned."),
         _field("model", pa.string(), "model.base of the job (credentials redacted)."),
         _field("glimpse_modules", pa.string(), "model.glimpse_modules of the job, if any."),
         _field("pruning", pa.string(), "The job's pruning settings as compact JSON, e.g. {\"mode\":\"glimpse\",...}."),
@@ -113,6 +116,7 @@ def fixed_defaults() -> dict[str, Any]:
         "visual_tokens": 0, "kept_tokens": 0, "keep_ratio": None, "kept_per_image": [], "kept_mask": None,
         "prompt_tokens": 0, "output_tokens": 0, "finish_reason": None,
         "image_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "pad_fraction": None, "decode_rows": None, "kv_use": None, "prefill_work_ratio": None,
+        "prefill_flops_ratio": None,
         "model": None, "glimpse_modules": None, "pruning": None,
     }
 

@@ -43,7 +43,8 @@ from workers.batching import pack_by_budget, padding_fraction
 
 log = logging.getLogger(__name__)
 MODEL_COLUMNS = ("answer", "kept_tokens", "keep_ratio", "kept_per_image", "kept_mask", "prompt_tokens", "output_tokens",
-                 "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use", "prefill_work_ratio")
+                 "finish_reason", "prefill_s", "decode_s", "pad_fraction", "decode_rows", "kv_use", "prefill_work_ratio",
+                 "prefill_flops_ratio")
 
 
 def keep_rule_for(job: JobSpec):
@@ -165,6 +166,7 @@ class GlimpseUDF:
             for o in out:
                 if o.get("kept_tokens") is not None and o.get("prompt_tokens"):
                     o["prefill_work_ratio"] = self.engine.prefill_work_ratio(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"])
+                    o["prefill_flops_ratio"] = self.engine.prefill_flops(o["prompt_tokens"], o["visual_tokens"], o["kept_tokens"]).ratio
         table = _assemble(batch, rows, out)
         if self.metrics is not None:
             self.metrics.record(table)
@@ -418,7 +420,7 @@ def _assemble(batch: pa.Table, rows: list, out: list) -> pa.Table:
     table = table.set_column(table.column_names.index("error"), "error", pa.array(error, pa.string()))
     types = {"kept_tokens": pa.int32(), "prompt_tokens": pa.int32(), "output_tokens": pa.int32(), "keep_ratio": pa.float64(),
              "prefill_s": pa.float64(), "decode_s": pa.float64(), "pad_fraction": pa.float64(),
-             "decode_rows": pa.float64(), "kv_use": pa.float64(), "prefill_work_ratio": pa.float64(),
+             "decode_rows": pa.float64(), "kv_use": pa.float64(), "prefill_work_ratio": pa.float64(), "prefill_flops_ratio": pa.float64(),
              "kept_per_image": pa.list_(pa.int32()), "kept_mask": pa.binary(), "answer": pa.string(), "finish_reason": pa.string()}
     for name in MODEL_COLUMNS:
         table = table.append_column(name, pa.array([o.get(name) for o in out], types[name]))

@@ -5,6 +5,7 @@ differently is an error row, not a silent difference."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,7 +95,17 @@ def test_stage_model_and_stats_count_the_same_tokens(mode):
         expected = sum(r["prefill_work_ratio"] * r["prompt_tokens"] for r in rows.values()) / prompt
         assert prediction["prefill_work_ratio"] == pytest.approx(expected)
         assert (k + 1) / layers < prediction["prefill_work_ratio"]
-        assert prediction["pays"] == (prediction["prefill_work_ratio"] < 0.97 or prediction["kv_cache_ratio"] < 0.9)
+        # FLOPs (ViT, glimpse pass and VIP included): computed from the shipped dirs' config.json files
+        from workers.training.flops import prefill_report
+
+        base, glimpse = (json.loads((d / "config.json").read_text()) for d in (BASE, GLIMPSE))
+        r = rows["224"]
+        report = prefill_report(base, 224, r["prompt_tokens"] - r["visual_tokens"], r["kept_tokens"] / r["visual_tokens"], k, glimpse)
+        assert r["prefill_flops_ratio"] == pytest.approx(report["prefill_pruned_over_unpruned"], rel=1e-9)
+        assert all(row["prefill_flops_ratio"] > row["prefill_work_ratio"] for row in rows.values())  # the ViT is paid in full
+        flops = sum(r["prefill_flops_ratio"] * r["prompt_tokens"] for r in rows.values()) / prompt
+        assert prediction["prefill_flops_ratio"] == pytest.approx(flops)
+        assert prediction["pays"] == (prediction["prefill_flops_ratio"] < 0.97 or prediction["kv_cache_ratio"] < 0.9)
 
 
 def test_prefill_work_ratio_bounds():

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from . import flops
 from .api import GenerationRequest, GenerationResult, KeepMasks, SamplingParams
 from .glimpse import GlimpseModules
 from .keep_rule import KeepRule, split_per_image
@@ -49,6 +50,7 @@ class GlimpseEngine:
         # the processor's (None: the model's own).
         self.system_prompt: Optional[str] = None
         self.chat_template: Optional[str] = None
+        self._dims = None  # (flops.TextDims, flops.VisionDims) of the model, on first use
 
     @property
     def prunes(self) -> bool:
@@ -81,6 +83,36 @@ class GlimpseEngine:
             return prefill_work_ratio(prompt, visual, self.strategy.stage_budgets(visual, kept, layers),
                                       layers, self.prune_layers(), extra=0)
         return prefill_work_ratio(prompt, visual, [kept], layers, self.prune_layers(), extra=0 if masks else 1)
+
+    def prefill_flops(self, prompt: int, visual: int, kept: int, masks: bool = False) -> flops.PrefillFlops:
+        """Predicted prefill FLOPs of one row with this engine's pruning and without it
+        (`workers.modeling.flops`): the ViT, the decoder at each stage's length and, for GlimpsePrune,
+        the glimpse pass and the VIP; explicit masks and other methods: their selection is not counted."""
+        text, vision = self._flops_dims()
+        layers = text.layers
+        if not self.prunes:
+            return flops.prefill_flops(text, prompt, visual, [], [], vision=vision)
+        if self.strategy is not None:
+            return flops.prefill_flops(text, prompt, visual, self.prune_layers(),
+                                       self.strategy.stage_budgets(visual, kept, layers), vision=vision)
+        if masks:
+            return flops.prefill_flops(text, prompt, visual, self.prune_layers(), [kept], vision=vision)
+        cfg = self.modules.config
+        vip = flops.VipDims.from_glimpse_config(
+            {"attn_fuse_size": cfg.attn_fuse_size, "visual_cond_size": cfg.visual_cond_size,
+             "selected_visual_layers": cfg.selected_visual_layers, "selected_layers": cfg.selected_layers},
+            vision_hidden=vision.hidden if vision is not None else 0, heads=text.heads)
+        return flops.prefill_flops(text, prompt, visual, self.prune_layers(), [kept], vision=vision, vip=vip,
+                                   glimpse_tokens=1, selected_layers=len(cfg.selected_layers))
+
+    def _flops_dims(self) -> tuple:
+        if self._dims is None:
+            config = self.model.config
+            text = getattr(config, "text_config", None) or config
+            vision = getattr(config, "vision_config", None)
+            self._dims = (flops.TextDims.from_config(text.to_dict()),
+                          flops.VisionDims.from_config(vision.to_dict()) if vision is not None else None)
+        return self._dims
 
     # ---- requests -> processed inputs -------------------------------------------------------
     def build_inputs(self, requests: Sequence[GenerationRequest]) -> ModelInputs:

@@ -1,61 +1,55 @@
 """Analytic prefill FLOPs of a Qwen2.5-VL model directory: vision tower vs language model, and the
-prefill ratio when visual tokens are pruned after the reduce layer.
+prefill ratio when visual tokens are pruned after the reduce layer (with the glimpse pass and the VIP
+when the glimpse modules' config is given).
 
-    python -m workers.training.flops --model models/small-qwen2_5_vl-v2 --image-size 336 --text 40 --keep 0.1
+    python -m workers.training.flops --model models/small-qwen2_5_vl-v2 --image-size 336 --text 40 --keep 0.1 \
+        [--modules models/small-qwen2_5_vl-v2-glimpse]
 
-Matmul FLOPs only (2 per multiply-add), one image, empty cache:
-- vision tower: patch embedding (3 * T * P * P -> D_v per patch), per block q/k/v/o projections
-  8 n D_v^2, attention scores and values 4 n w D_v with w = the window's patches (window blocks) or n
-  (full-attention blocks), gated MLP 6 n D_v F_v; the merger MLP on n / m^2 merged tokens;
-- language model: per layer 2 n D (2 D + 2 kvh hd) projections, causal attention 4 h hd n (n + 1) / 2,
-  gated MLP 6 n D F (`bench/engine_bench.layer_flops`, the same formula); the LM head is not counted.
+The formulas (matmul FLOPs only, 2 per multiply-add, one image, empty cache) are `workers.modeling.flops`,
+shared with the engine's per-row prediction and `bench/engine_bench.py`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
+
+from workers.modeling import flops as F
 
 
 def vision_flops(vision: dict, image_size: int) -> float:
-    patch, merge = vision["patch_size"], vision["spatial_merge_size"]
-    temporal = vision.get("temporal_patch_size", 2)
-    d, ffn = vision["hidden_size"], vision["intermediate_size"]
-    side = image_size // patch
-    n = side * side
-    window = min((vision.get("window_size", image_size) // patch) ** 2, n)
-    full = set(vision.get("fullatt_block_indexes", []))
-    flops = 2 * n * (3 * temporal * patch * patch) * d
-    for block in range(vision["depth"]):
-        span = n if block in full else window
-        flops += 8 * n * d * d + 4 * n * span * d + 6 * n * d * ffn
-    merged, wide = n // merge**2, d * merge**2
-    flops += 2 * merged * (wide * wide + wide * vision["out_hidden_size"])
-    return float(flops)
+    dims = F.VisionDims.from_config(vision)
+    side = image_size // dims.patch
+    return F.vision_flops(dims, side, side)
 
 
 def text_flops(text: dict, tokens: int, layers: int | None = None) -> float:
-    d, heads, kvh = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
-    hd = text.get("head_dim") or d // heads
-    per_layer = (2 * tokens * d * (2 * d + 2 * kvh * hd) + 4 * heads * hd * tokens * (tokens + 1) / 2
-                 + 6 * tokens * d * text["intermediate_size"])
-    return float(per_layer * (text["num_hidden_layers"] if layers is None else layers))
+    return F.text_flops(F.TextDims.from_config(text), tokens, layers)
 
 
-def prefill_report(config: dict, image_size: int, text_tokens: int, keep_ratio: float, reduce_layer: int) -> dict:
-    vision, text = config["vision_config"], config["text_config"]
-    visual = (image_size // vision["patch_size"] // vision["spatial_merge_size"]) ** 2
-    vit = vision_flops(vision, image_size)
-    lm = text_flops(text, visual + text_tokens)
+def prefill_report(config: dict, image_size: int, text_tokens: int, keep_ratio: float, reduce_layer: int,
+                   glimpse: Optional[Mapping] = None) -> dict:
+    """One square image of `image_size` px and `text_tokens` text tokens, pruned after `reduce_layer` to
+    max(1, floor(keep_ratio x N)) visual tokens. `glimpse`: the modules' config.json (adds the glimpse
+    pass and the VIP to the pruned side, as the engine runs them)."""
+    vision, text = F.VisionDims.from_config(config["vision_config"]), F.TextDims.from_config(config["text_config"])
+    side = image_size // vision.patch
+    visual = (side // vision.merge) ** 2
+    vit = F.vision_flops(vision, side, side)
+    lm = F.text_flops(text, visual + text_tokens)
     kept = max(1, int(keep_ratio * visual))
     low = reduce_layer + 1
-    lm_pruned = (text_flops(text, visual + text_tokens, low)
-                 + text_flops(text, kept + text_tokens, text["num_hidden_layers"] - low))
+    lm_pruned = (F.text_flops(text, visual + text_tokens + (1 if glimpse else 0), low)
+                 + F.text_flops(text, kept + text_tokens, text.layers - low))
+    vip = 0.0
+    if glimpse:
+        dims = F.VipDims.from_glimpse_config(glimpse, vision_hidden=vision.hidden, heads=text.heads)
+        vip = F.vip_flops(dims, visual) + F.glimpse_extra_flops(text, reduce_layer, len(glimpse["selected_layers"]), visual)
     return {"visual_tokens": visual, "text_tokens": text_tokens, "vit_flops": vit, "lm_flops": lm,
             "vit_share": vit / (vit + lm), "keep_ratio": keep_ratio, "reduce_layer": reduce_layer,
-            "lm_pruned_over_unpruned": lm_pruned / lm,
-            "prefill_pruned_over_unpruned": (vit + lm_pruned) / (vit + lm)}
+            "vip_and_glimpse_flops": vip, "lm_pruned_over_unpruned": lm_pruned / lm,
+            "prefill_pruned_over_unpruned": (vit + lm_pruned + vip) / (vit + lm)}
 
 
 def measure(engine, samples, rounds: int = 3, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
@@ -98,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text", type=int, default=40, help="text tokens of the prompt")
     p.add_argument("--keep", type=float, default=0.1)
     p.add_argument("--reduce-layer", type=int, default=1)
+    p.add_argument("--modules", type=Path, help="glimpse modules dir: count the glimpse pass and the VIP")
     p.add_argument("--measure-with", type=Path, help="glimpse modules dir: also time the engine, pruning off vs on, "
                    "on --rows held-out rows of the model's world (seed --seed); --keep is then the measured mean")
     p.add_argument("--rows", type=int, default=32)
@@ -119,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["measured"] = measure(engine, samples)
         keep = out["measured"]["mean_keep_ratio"]
         args.text = round(out["measured"]["mean_text_tokens"])
-    out["analytic"] = prefill_report(config, args.image_size, args.text, keep, args.reduce_layer)
+    modules = args.modules or args.measure_with
+    glimpse = json.loads((modules / "config.json").read_text()) if modules else None
+    out["analytic"] = prefill_report(config, args.image_size, args.text, keep, args.reduce_layer, glimpse)
     print(json.dumps(out, indent=2))
     return 0
 
