@@ -205,7 +205,9 @@ def part4(engine, requests, sampling, args) -> dict:
 
 def part1(engine, requests, sampling, args) -> dict:
     """predicted_rows_per_s_ratio: prefill as measured, each continuous decode step at the static step's
-    measured cost (step cost independent of batch size up to max_rows, as on a memory-bound GPU)."""
+    measured cost (step cost independent of batch size up to max_rows, as on a memory-bound GPU).
+    ceiling_rows_per_s_ratio: the same with the continuous decode at full occupancy (the fewest steps
+    max_rows allows): no scheduler can beat it while the prefill is the same work in both modes."""
     layers = len(engine.core.lm.layers)
     kv_budget = 10**12  # not binding: both are limited by max_rows alone
     decode_budget = 10**9
@@ -237,6 +239,7 @@ def part1(engine, requests, sampling, args) -> dict:
         "decode_s_per_step": per_step, "prefill_and_rest_s": rest,
         "predicted_decode_ratio_measured_steps": static_steps / max(cont_steps, 1),
         "predicted_rows_per_s_ratio": (rest["static"] + dec["static"]) / (rest["static"] + per_step["static"] * cont_steps),
+        "ceiling_rows_per_s_ratio": (rest["static"] + dec["static"]) / (rest["static"] + per_step["static"] * ideal),
         "same_tokens": same,
         "continuous_stats": runs["continuous"][0]["stats"],
     }
@@ -386,7 +389,7 @@ def _print_part1(result: dict) -> None:
           f"ratio {p1['ratio_continuous_over_static']:.2f} (predicted at equal step cost {p1['predicted_ratio_equal_step_cost']:.2f})")
     print(f"  decode s static {p1['decode_s']['static']:.2f}  continuous {p1['decode_s']['continuous']:.2f}  ratio "
           f"{p1['decode_ratio_static_over_continuous']:.2f} (predicted from steps {p1['predicted_decode_ratio_measured_steps']:.2f}); "
-          f"rows/s predicted {p1['predicted_rows_per_s_ratio']:.2f}")
+          f"rows/s predicted {p1['predicted_rows_per_s_ratio']:.2f}, ceiling at full occupancy {p1['ceiling_rows_per_s_ratio']:.2f}")
     print(f"  slot occupancy static {p1['slot_occupancy']['static']:.2f}  continuous {p1['slot_occupancy']['continuous']:.2f}; "
           f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
 

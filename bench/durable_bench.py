@@ -5,8 +5,9 @@ One process run, one model, one local Ray runtime:
      records the Ray object store's bytes in use (raylet memory info), the driver's RSS (psutil) and
      the time the first part file appears under `_staging/` (time to first durable output);
      The scale*N input is `scale` copies of the N-row input's shards (same rows, new shard names);
-  2. the engine alone on the N rows of the same data, once before and once after the pipeline runs
-     (the ratios use the mean rate): `GlimpseUDF` (the pipeline's model stage,
+  2. the engine alone on the N rows of the same data, before the first and after every 1x pipeline run
+     (`--pairs` of them: each 1x run's ratio uses the mean rate of the engine runs on either side of it,
+     and the reported 1x ratio is the median over the pairs; the scale*N run uses the first two): `GlimpseUDF` (the pipeline's model stage,
      same code, same batch size, the same number of calls in flight) called in-process on image-stage blocks, torch at 1 thread as in the
      actor (Ray gives fractional-CPU actors OMP_NUM_THREADS=1); image decoding excluded, model load
      excluded.
@@ -15,7 +16,7 @@ and driver memory at scale*N over N (target < 1.3: flat in rows); pipeline stead
 durable between 10% and 90% of the run, `this_run.steady_rows_per_s`) over engine rows/s (target
 >= 0.9). Written to bench/results/durable_bench.json and printed.
 
-Run: `python bench/durable_bench.py [--rows 5000] [--scale 4] [--model shipped|tiny]`.
+Run: `python bench/durable_bench.py [--rows 5000] [--scale 4] [--pairs 1] [--model shipped|tiny]`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("shipped", "tiny"), default="shipped")
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--max-rows", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=1, help="1x pipeline runs, each between two engine runs; the ratio is their median")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "durable_bench.json"))
     args = ap.parse_args(argv)
 
@@ -244,31 +247,42 @@ def main(argv=None) -> int:
     small = make_inputs(root, args.rows, args.rows_per_shard)
     large = replicate_inputs(small, args.scale) if args.scale > 1 else None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    engine_before = run_engine(small, models, args)
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
-    one = run_pipeline(small, root / "out-1x", models, args)
-    many = run_pipeline(large, root / f"out-{args.scale}x", models, args) if large is not None else None
-    ray.shutdown()
-    engine_after = run_engine(small, models, args)
-    engine = combine_engine_runs(engine_before, engine_after)
+    # E P [4x] E P E P E ...: each 1x pipeline run is compared with the mean of the engine runs on either
+    # side of it (the machine's speed drifts by 10-15% over minutes here), and Ray is down while the
+    # engine runs.
+    engine_runs = [run_engine(small, models, args)]
+    pipelines, many = [], None
+    for pair in range(args.pairs):
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
+        DataContext.get_current().enable_progress_bars = False
+        pipelines.append(run_pipeline(small, root / f"out-1x-{pair}", models, args))
+        if pair == 0 and large is not None:
+            many = run_pipeline(large, root / f"out-{args.scale}x", models, args)
+        ray.shutdown()
+        engine_runs.append(run_engine(small, models, args))
+    one = pipelines[0]
+    engine = combine_engine_runs(engine_runs[0], engine_runs[-1])
+    pair_ratios = [(p["steady_rows_per_s"] or 0) / combine_engine_runs(engine_runs[i], engine_runs[i + 1])["rows_per_s"]
+                   for i, p in enumerate(pipelines)]
     ratios = {"first_durable_share_1x": one["first_durable_share"],
-              "pipeline_steady_over_engine_1x": (one["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+              "pipeline_steady_over_engine_1x": statistics.median(pair_ratios),
               "actor_cpu_per_row_over_engine_1x": one["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"]}
     if many is not None:
         ratios.update({
             f"first_durable_share_{args.scale}x": many["first_durable_share"],
             f"object_store_peak_{args.scale}x_over_1x": many["peak_object_store_bytes"] / max(one["peak_object_store_bytes"], 1),
             f"driver_rss_peak_{args.scale}x_over_1x": many["peak_driver_rss_bytes"] / max(one["peak_driver_rss_bytes"], 1),
-            f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / engine["rows_per_s"],
+            f"pipeline_steady_over_engine_{args.scale}x": (many["steady_rows_per_s"] or 0) / combine_engine_runs(
+                engine_runs[0], engine_runs[1])["rows_per_s"],
             # Model-actor CPU per row (its start included) over the engine's: above 1, each row costs the
             # actor more CPU than in-process (cores shared with image decoding, Ray's processes).
             f"actor_cpu_per_row_over_engine_{args.scale}x": many["model_actor_cpu_s_per_row"] / engine["cpu_s_per_row"],
         })
     result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "load_avg": os.getloadavg()},
-              "pipeline_1x": one, **({f"pipeline_{args.scale}x": many} if many is not None else {}), "engine_1x": engine,
-              "engine_runs": {"before": engine_before, "after": engine_after}, "ratios": ratios}
+              "pipeline_1x": one, "pipeline_1x_runs": pipelines, "pair_ratios_1x": pair_ratios,
+              **({f"pipeline_{args.scale}x": many} if many is not None else {}), "engine_1x": engine,
+              "engine_runs": engine_runs, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, value in ratios.items():
