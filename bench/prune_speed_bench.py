@@ -4,7 +4,9 @@ One process, one local Ray runtime, the shipped v2 small model (336 px, 144 visu
 pruned after layer 1 of 8), rows from its own world (`world.json`) with a seed never used for training
 or tuning. Runs in ABBA order (none, glimpse, glimpse, none, ...) over `--repeats` pairs, each into a
 fresh output directory; per run: run_job's wall time and its steady-state rows/s (rows durable between
-10% and 90% of the run: the actor start and the tail excluded). Ratios are glimpse / none of the medians.
+10% and 90% of the run: the actor start and the tail excluded). Ratios are glimpse / none of the medians,
+and of each ABBA pair on its own (`pair_ratios`, with their median, min and max: this machine's noise
+shows there; the first run of the first pair is the cold one).
 
 Next to them, the analytic prediction (`workers.training.flops.prefill_report`): prefill FLOPs pruned /
 unpruned at the mean keep ratio and mean prompt length the glimpse runs measured (ViT + LM, and on the
@@ -92,15 +94,22 @@ def main(argv=None) -> int:
     config = json.loads((BASE / "config.json").read_text())
     glimpse = json.loads((Path(args.modules) / "config.json").read_text())
     analytic = prefill_report(config, 336, round(text), keep, glimpse.get("reduce_layer", 1), glimpse)
+    pairs = [(runs[2 * i], runs[2 * i + 1]) for i in range(args.repeats)]
+    by_mode = [{r["mode"]: r for r in pair} for pair in pairs]
+    pair_ratios = {key: [p["glimpse"][key] / p["none"][key] for p in by_mode] for key in ("steady_rows_per_s", "wall_s")}
     ratios = {
         "wall_glimpse_over_none": median("glimpse", "wall_s") / median("none", "wall_s"),
         "steady_rows_per_s_glimpse_over_none": median("glimpse", "steady_rows_per_s") / median("none", "steady_rows_per_s"),
         "analytic_prefill_pruned_over_unpruned": analytic["prefill_pruned_over_unpruned"],
         "analytic_rows_per_s_glimpse_over_none": 1 / analytic["prefill_pruned_over_unpruned"],
+        "pair_steady_rows_per_s_median": statistics.median(pair_ratios["steady_rows_per_s"]),
+        "pair_steady_rows_per_s_min": min(pair_ratios["steady_rows_per_s"]),
+        "pair_steady_rows_per_s_max": max(pair_ratios["steady_rows_per_s"]),
+        "pair_wall_median": statistics.median(pair_ratios["wall_s"]),
     }
     result = {"config": vars(args), "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                  "load_avg": os.getloadavg()},
-              "runs": runs, "mean_visual_tokens": visual, "mean_text_tokens": text, "analytic": analytic, "ratios": ratios}
+              "runs": runs, "pair_ratios": pair_ratios, "mean_visual_tokens": visual, "mean_text_tokens": text, "analytic": analytic, "ratios": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for run in runs:
@@ -108,6 +117,7 @@ def main(argv=None) -> int:
               f"keep {run['overall_keep_ratio'] or 1:.3f}  errors {run['rows_error']}")
     for name, value in ratios.items():
         print(f"{name:42s} {value:.3f}")
+    print("steady rows/s glimpse/none per pair:", " ".join(f"{v:.3f}" for v in pair_ratios["steady_rows_per_s"]))
     return 0
 
 

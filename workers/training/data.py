@@ -88,6 +88,12 @@ def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> lis
             for s, (_, gh, gw) in zip(samples, grids.tolist())]
 
 
+def object_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
+    """Per sample, the tokens of every object of its scene (bool [N_v], raster order as `box_masks`)."""
+    return [torch.from_numpy(box_token_mask([o["box"] for o in s.objects], gh // merge, gw // merge)).flatten()
+            for s, (_, gh, gw) in zip(samples, grids.tolist())]
+
+
 def scene_questions(world: WorldConfig, index: int, count: int) -> list[Sample]:
     """`count` questions about scene `index` of `world`, all holding the same image object.
 

@@ -23,6 +23,14 @@ Because attention is causal and the answer follows the glimpse, the glimpse's qu
 keys equal those of the inference prefill (glimpse appended after the prompt): the VIP sees exactly
 the same inputs in training and inference (tested).
 
+With `TrainConfig.lora` (`--lora-layers`), LoRA adapters on the named LLM linears train with the modules
+(`workers.training.lora`; saved as a PEFT adapter next to them, the GlimpsePrune+ layout the loader
+merges). `LossConfig.distill_weight` then adds KL(base || adapted) on the answer tokens of the plain
+sequence (no glimpse: at inference it is dropped at layer K), the base being the same forward with the
+adapters off: the adapters may change what the glimpse query and the visual keys compute at layers <= K,
+while the answers stay the base's. (The reference's GlimpsePrune+ stage A
+trains its LoRA by RL on pruned inputs instead.)
+
 Deliberate differences from the reference trainer: the LM head runs only on answer positions (same
 loss, less memory); with le_weight = 0 the layers after the last selected layer are skipped; no
 HF Trainer: a plain loop with AdamW, cosine schedule with linear warmup, gradient clipping at 1.0
@@ -50,7 +58,9 @@ from workers.toyworld import WorldConfig, Sample, load_world, make_sample
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
-from workers.training.data import IGNORE_INDEX, BatchEncoder, box_masks, image_patches
+from workers.training import lora as lora_lib
+from workers.training.data import IGNORE_INDEX, BatchEncoder, box_masks, image_patches, object_masks
+from workers.training.lora import LoraConfig
 
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
@@ -68,9 +78,19 @@ class LossConfig:
     dice_weight: float = 1.0
     bce_weight: float = 0.1
     dice_eps: float = 1.0  # added to numerator and denominator; defines Dice of an empty mask
+    distill_weight: float = 0.0  # KL(base || adapted) on the answer tokens; only with a LoRA (TrainConfig.lora)
+    # Dice of the glimpse's own attention map (mean over heads and selected layers, min-max normalised per
+    # sample, as the reference's ori_attn_supervision row) against the box mask: a direct signal for the
+    # glimpse query and the visual keys; training only (the saved config keeps ori_attn_supervision off)
+    attn_weight: float = 0.0
+    # Among the scene's object tokens only, cross-entropy of the glimpse's attention (mean over heads) onto
+    # the asked object's: -log(softmax mass on the relevant tokens). Rows with no relevant token, or no
+    # other object, are skipped. Teaches "which object", which the box Dice mostly leaves to objectness.
+    which_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.loc_weight, self.le_weight, self.dice_weight, self.bce_weight) < 0 or self.dice_eps <= 0:
+        if min(self.loc_weight, self.le_weight, self.dice_weight, self.bce_weight, self.distill_weight,
+               self.attn_weight, self.which_weight) < 0 or self.dice_eps <= 0:
             raise ValueError(f"loss weights must be >= 0 and dice_eps > 0, got {self}")
 
 
@@ -90,12 +110,15 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: Optional[LoraConfig] = None  # also adapt these LLM linears (GlimpsePrune+ layout, workers.training.lora)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"need lr > 0, 0 <= warmup_ratio < 1, batch_size >= 1, grad_accum >= 1: {self}")
         if (self.steps is not None and self.steps < 1) or self.epochs <= 0:
             raise ValueError(f"steps must be >= 1 and epochs > 0, got {self.steps}, {self.epochs}")
+        if self.loss.distill_weight > 0 and self.lora is None:
+            raise ValueError("distill_weight > 0 needs a LoRA: without one the base is the teacher itself")
 
     def total_steps(self, source_size: int) -> int:
         if self.steps is not None:
@@ -189,9 +212,11 @@ class GlimpseBatch:
     labels: torch.Tensor  # [B, L], IGNORE_INDEX outside the answer + <|im_end|>
     box_masks: list  # per sample: bool [N_v(b)], raster order of the merged-token grid
     qtypes: tuple = ()
+    object_masks: tuple = ()  # per sample: bool [N_v(b)], every object of the scene (synthetic rows only)
 
     def to(self, device) -> "GlimpseBatch":
-        return GlimpseBatch(self.inputs.to(device), self.labels.to(device), [m.to(device) for m in self.box_masks], self.qtypes)
+        return GlimpseBatch(self.inputs.to(device), self.labels.to(device), [m.to(device) for m in self.box_masks], self.qtypes,
+                            tuple(m.to(device) for m in self.object_masks))
 
 
 def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatch:
@@ -199,7 +224,8 @@ def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatc
     pixel_values, grid = image_patches([s.image for s in samples], encoder.processor.image_processor)
     ids, pad, labels = encoder.answer_rows(samples, grid, range(len(samples)))
     masks = box_masks(samples, grid, encoder.merge)
-    return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples))
+    objects = tuple(object_masks(samples, grid, encoder.merge)) if all(s.objects for s in samples) else ()
+    return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples), objects)
 
 
 # ---- the training forward --------------------------------------------------------------------
@@ -248,15 +274,34 @@ def insert_glimpse(embeds, positions, pad, labels, is_image, e0) -> GlimpseSeque
 class GlimpseForward:
     importance_logits: list  # per sample: float [N_v(b)]
     lm_loss: Optional[torch.Tensor]  # scalar, None when the LM loss is off
+    answer_logits: Optional[torch.Tensor] = None  # [T, V] fp32 at the answer targets, with the LM loss
+    attention_maps: Optional[list] = None  # per sample: mean over heads and selected layers of the raw logits [N_v(b)]
 
 
-def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: bool = True) -> GlimpseForward:
-    """The one-pass training forward (module docstring). `core.modules` holds the trainable modules."""
+def embed_batch(core: QwenGlimpseModel, batch: GlimpseBatch) -> tuple:
+    """(embeds, visual features, positions) of a batch: nothing before the LLM layers is trainable."""
+    with torch.no_grad():
+        embeds, feats = core.embed(batch.inputs, tuple(core.modules.config.selected_visual_layers))
+        return embeds, feats, core.positions(batch.inputs)
+
+
+def plain_answer_logits(core: QwenGlimpseModel, batch: GlimpseBatch, embedded: tuple) -> torch.Tensor:
+    """Answer-target logits [T, V] fp32 of the plain sequence (no glimpse, no pruning): what the answers
+    see at inference once the glimpse is dropped at layer K (reference step 7)."""
+    embeds, _, positions = embedded
+    cache = DynamicCache(config=compat.text_config(core.model))
+    hidden = core.run_layers(range(len(core.lm.layers)), embeds, batch.inputs.attention_mask, positions, cache)
+    answer = batch.labels[:, 1:] != IGNORE_INDEX
+    return core.model.lm_head(core.lm.norm(hidden[:, :-1][answer])).float()
+
+
+def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: bool = True,
+                     embedded: Optional[tuple] = None) -> GlimpseForward:
+    """The one-pass training forward (module docstring). `core.modules` holds the trainable modules.
+    embedded: `embed_batch`'s result when the caller already has it."""
     modules, cfg = core.modules, core.modules.config
     inputs = batch.inputs
-    with torch.no_grad():  # nothing before the glimpse is trainable
-        embeds, feats = core.embed(inputs, tuple(cfg.selected_visual_layers))
-        positions = core.positions(inputs)
+    embeds, feats, positions = embedded if embedded is not None else embed_batch(core, batch)
     is_image = inputs.input_ids == core.config.image_token_id
     seq = insert_glimpse(embeds, positions, inputs.attention_mask, batch.labels, is_image, modules.glimpse_vector(0))
     rows = torch.arange(seq.hidden.shape[0], device=seq.hidden.device)
@@ -283,14 +328,17 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
     attn_in = torch.cat([attn_rows[i] for i in cfg.selected_layers], dim=-1)  # [N, n_sel * H]
     grids = [tuple(g) for g in (inputs.image_grid_thw[:, 1:] // core.visual.spatial_merge_size).tolist()]
     logits = modules.attn_fuser(attn_in, feats, grids)  # [N] fp32
-    per_sample = list(torch.split(logits, [int(n) for n in seq.is_image.sum(dim=1).tolist()]))
+    sizes = [int(n) for n in seq.is_image.sum(dim=1).tolist()]
+    per_sample = list(torch.split(logits, sizes))
+    maps = list(torch.split(attn_in.float().mean(dim=-1), sizes))
     lm_loss = None
     if with_lm_loss:
         targets = seq.labels[:, 1:]
         answer = targets != IGNORE_INDEX  # [B, L'-1]
         lm_logits = core.model.lm_head(core.lm.norm(hidden[:, :-1][answer])).float()  # [T, V]
         lm_loss = F.cross_entropy(lm_logits, targets[answer])
-    return GlimpseForward(per_sample, lm_loss)
+        return GlimpseForward(per_sample, lm_loss, lm_logits, maps)
+    return GlimpseForward(per_sample, lm_loss, attention_maps=maps)
 
 
 # ---- loss and metrics ------------------------------------------------------------------------
@@ -305,14 +353,42 @@ def mask_losses(logits: Sequence[torch.Tensor], gts: Sequence[torch.Tensor], eps
     return torch.stack(dice).mean(), torch.stack(bce).mean()
 
 
-def glimpse_loss(out: GlimpseForward, gts: Sequence[torch.Tensor], cfg: LossConfig) -> tuple:
-    """Total loss and its detached parts (floats)."""
+def glimpse_loss(out: GlimpseForward, gts: Sequence[torch.Tensor], cfg: LossConfig,
+                 distill: Optional[tuple] = None, objects: Sequence[torch.Tensor] = ()) -> tuple:
+    """Total loss and its detached parts (floats). distill = (student, teacher) answer logits [T, V] of
+    the plain sequence, adapted and frozen base, for KL(teacher || student) (token mean)."""
     dice, bce = mask_losses(out.importance_logits, gts, cfg.dice_eps)
     total = cfg.loc_weight * (cfg.dice_weight * dice + cfg.bce_weight * bce)
     parts = {"dice": dice.item(), "bce": bce.item()}
     if out.lm_loss is not None:
         total = total + cfg.le_weight * out.lm_loss
         parts["lm"] = out.lm_loss.item()
+    if cfg.attn_weight > 0:
+        attn_dice = []
+        for m, gt in zip(out.attention_maps, gts):
+            p = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
+            g = gt.to(p.dtype)
+            attn_dice.append(1 - (2 * (p * g).sum() + cfg.dice_eps) / (p.sum() + g.sum() + cfg.dice_eps))
+        attn = torch.stack(attn_dice).mean()
+        total = total + cfg.attn_weight * attn
+        parts["attn"] = attn.item()
+    if cfg.which_weight > 0:
+        if not objects:
+            raise ValueError("which_weight needs the scenes' object masks (synthetic rows)")
+        terms = []
+        for m, gt, obj in zip(out.attention_maps, gts, objects):
+            rel, pool = gt.bool(), obj.bool() | gt.bool()
+            if rel.any() and (pool & ~rel).any():
+                terms.append(torch.logsumexp(m[pool], 0) - torch.logsumexp(m[rel], 0))
+        if terms:
+            which = torch.stack(terms).mean()
+            total = total + cfg.which_weight * which
+            parts["which"] = which.item()
+    if distill is not None:
+        student, teacher = distill
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+        total = total + cfg.distill_weight * kl
+        parts["kl"] = kl.item()
     parts["loss"] = total.item()
     return total, parts
 
@@ -341,12 +417,29 @@ class GlimpseTrainer:
         self.cfg, self.source, self.device = cfg, source, device
         self.model = model.to(device).eval().requires_grad_(False)
         self.modules = modules.to(device=device, dtype=torch.float32).train()
+        # LoRA wrappers (new parameters, trainable) on the frozen base; {} without cfg.lora
+        self.lora = lora_lib.attach(self.model, cfg.lora, seed=cfg.seed) if cfg.lora else {}
         self.core = QwenGlimpseModel(self.model, self.modules)
         self.encoder = BatchEncoder(processor)
         self.total_steps = cfg.total_steps(source.size)
-        self.optimizer = torch.optim.AdamW(self.modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = cosine_with_warmup(self.optimizer, round(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.step_done = 0
+
+    def parameters(self) -> list:
+        return list(self.modules.parameters()) + lora_lib.parameters(self.lora)
+
+    def distill_logits(self, batch: GlimpseBatch, embedded: tuple) -> Optional[tuple]:
+        """(adapted, base) plain-sequence answer logits for the distillation term, or None."""
+        if not self.lora or self.cfg.loss.distill_weight <= 0:
+            return None
+        lora_lib.set_enabled(self.lora, False)
+        try:
+            with torch.no_grad():
+                teacher = plain_answer_logits(self.core, batch, embedded)
+        finally:
+            lora_lib.set_enabled(self.lora, True)
+        return plain_answer_logits(self.core, batch, embedded), teacher
 
     def batch(self, micro: int) -> GlimpseBatch:
         first = micro * self.cfg.batch_size
@@ -360,12 +453,13 @@ class GlimpseTrainer:
         for k in range(cfg.grad_accum):
             batch = self.batch(self.step_done * cfg.grad_accum + k)
             with autocast(self.device):
-                out = training_forward(self.core, batch, with_lm_loss=cfg.loss.le_weight > 0)
-                loss, parts = glimpse_loss(out, batch.box_masks, cfg.loss)
+                embedded = embed_batch(self.core, batch)
+                out = training_forward(self.core, batch, with_lm_loss=cfg.loss.le_weight > 0, embedded=embedded)
+                loss, parts = glimpse_loss(out, batch.box_masks, cfg.loss, self.distill_logits(batch, embedded), batch.object_masks)
             (loss / cfg.grad_accum).backward()
             for key, value in {**parts, **mask_counts(out.importance_logits, batch.box_masks)}.items():
                 sums[key] = sums.get(key, 0) + value
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.modules.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -378,6 +472,8 @@ class GlimpseTrainer:
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.modules.save(tmp, base_config=base_config)
+        if self.lora:
+            lora_lib.save(self.lora, self.cfg.lora, tmp)
         torch.save({"step": self.step_done, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "total_steps": self.total_steps}, tmp / STATE_NAME)
@@ -388,6 +484,8 @@ class GlimpseTrainer:
         """Weights, optimizer, schedule and RNG from `save_checkpoint` (same TrainConfig expected)."""
         saved = GlimpseModules.from_directory(directory)
         self.modules.load_official_state(saved.official_state(), source=str(directory))
+        if self.lora:
+            lora_lib.load_state(self.lora, lora_lib.read(directory))
         state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"{directory}: checkpoint planned {state['total_steps']} steps, this run {self.total_steps}")
@@ -447,6 +545,8 @@ def run_training(trainer: GlimpseTrainer, out_dir: Path, base_config: dict, resu
         if step % cfg.checkpoint_every == 0 and step < trainer.total_steps:
             trainer.save_checkpoint(ckpt, base_config)
     trainer.modules.save(out_dir, base_config=base_config)
+    if trainer.lora:
+        lora_lib.save(trainer.lora, trainer.cfg.lora, out_dir, base_name=str(base_config.get("_name_or_path", "")))
     if not keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
     return last_line
@@ -455,7 +555,7 @@ def run_training(trainer: GlimpseTrainer, out_dir: Path, base_config: dict, resu
 def log_line(window: dict, step: int, trainer: GlimpseTrainer, seconds: float) -> dict:
     """Means over the window's micro-batches (losses), updates (grad norm) and tokens (mask scores)."""
     line = {"step": step, "lr": trainer.scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
-    for key in ("loss", "dice", "bce", "lm"):
+    for key in ("loss", "dice", "bce", "lm", "kl", "attn", "which"):
         if key in window:
             line[key] = window[key] / window["micro_batches"]
     line["grad_norm"] = window["grad_norm"] / window["updates"]
@@ -495,6 +595,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 ("checkpoint-every", int, 100), ("loc-weight", float, 1.0),
                                 ("le-weight", float, 1.0), ("dice-eps", float, 1.0)):
         opt.add_argument(f"--{name}", type=kind, default=default)
+    opt.add_argument("--attn-weight", type=float, default=0.0,
+                     help="Dice of the glimpse's own min-max normalised attention map against the boxes (training only)")
+    opt.add_argument("--which-weight", type=float, default=0.0,
+                     help="cross-entropy of the glimpse's attention onto the asked object among the scene's objects")
+    opt.add_argument("--distill-weight", type=float, default=0.0,
+                     help="KL(base || adapted) on the answer tokens (with --lora-layers): keeps the base's answers")
+    lo = p.add_argument_group("LoRA on the LLM (GlimpsePrune+ layout: the adapter is saved next to the modules and merged on load)")
+    lo.add_argument("--lora-layers", type=lambda t: tuple(int(x) for x in t.split(",")), help="comma list of decoder layers")
+    lo.add_argument("--lora-targets", type=lambda t: tuple(t.split(",")), default=("q_proj", "k_proj"))
+    lo.add_argument("--lora-rank", type=int, default=8)
+    lo.add_argument("--lora-alpha", type=float, default=16.0)
     opt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
     opt.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint after success")
     run = p.add_argument_group("runtime")
@@ -531,7 +642,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, batch_size=args.batch_size,
         grad_accum=args.grad_accum, steps=args.steps, epochs=args.epochs, seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
-        loss=LossConfig(loc_weight=args.loc_weight, le_weight=args.le_weight, dice_eps=args.dice_eps),
+        loss=LossConfig(loc_weight=args.loc_weight, le_weight=args.le_weight, dice_eps=args.dice_eps,
+                        distill_weight=args.distill_weight, attn_weight=args.attn_weight, which_weight=args.which_weight),
+        lora=LoraConfig(args.lora_layers, args.lora_targets, args.lora_rank, args.lora_alpha) if args.lora_layers else None,
     )
     extra = {"reduce_layer": args.reduce_layer} if args.reduce_layer is not None else {}
     gp = new_glimpse_config(model, args.selected_layers, attn_fuse_size=args.fuse_size, visual_cond_size=args.cond_size,
@@ -543,7 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "train_config": asdict(cfg), "glimpse_config": gp.gp_fields(), "total_steps": trainer.total_steps,
-                "trainable_parameters": sum(p.numel() for p in modules.parameters()), "device": str(device),
+                "trainable_parameters": sum(p.numel() for p in trainer.parameters()), "device": str(device),
                 "torch": torch.__version__}
     (args.out / "train_args.json").write_text(json.dumps(manifest, indent=2))
     log.info("training %d glimpse parameters for %d steps on %s", manifest["trainable_parameters"], trainer.total_steps, device)
