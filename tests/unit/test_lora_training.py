@@ -118,3 +118,23 @@ def test_locate_probe_scores_a_planted_pointer(model, tiny_processor):
     assert "vip|-|score|objectness" in summary and summary["vip|-|score|objectness"]["all"]["n"] >= 1
     layers = {k.split("|")[1] for k in summary if k.startswith("last_token|")}
     assert layers == {str(i) for i in range(len(model.model.language_model.layers))}
+
+
+def test_plain_answer_logits_are_the_stock_decoder_on_the_sequence_without_glimpse(model, tiny_processor):
+    """The distillation target: the stock decoder + head on [prompt, answer] (the engine's embeddings and
+    M-RoPE positions, as the LM-loss test of test_glimpse_trainer), logits at the positions that predict
+    the answer tokens; with the glimpse inserted they differ (the check can fail)."""
+    rows = [SyntheticSource(WORLD, 3).example(i) for i in range(3)]
+    batch = build_batch(BatchEncoder(tiny_processor), rows)
+    core = QwenGlimpseModel(model, random_modules(model, seed=7, le_dropout_prob=0.0))
+    inputs = batch.inputs
+    with torch.no_grad():
+        embedded = embed_batch(core, batch)
+        got = plain_answer_logits(core, batch, embedded)
+        hidden = model.model.language_model(inputs_embeds=embedded[0], position_ids=embedded[2],
+                                            attention_mask=inputs.attention_mask).last_hidden_state
+        expected = model.lm_head(hidden).float()[:, :-1][batch.labels[:, 1:] != -100]
+        with_glimpse = training_forward(core, batch).answer_logits
+    assert got.shape[0] == int((batch.labels != -100).sum())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert float((with_glimpse - expected).abs().max()) > 1e-3
