@@ -159,7 +159,7 @@ def merge_lora(model: nn.Module, adapter_dir: Path) -> int:
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-    state = _read_adapter(adapter_dir)
+    state = read_adapter(adapter_dir)
     modules = dict(model.named_modules())
     merged = 0
     for key in sorted(k for k in state if ".lora_A." in k):
@@ -181,7 +181,7 @@ def merge_lora(model: nn.Module, adapter_dir: Path) -> int:
     return merged
 
 
-def _read_adapter(adapter_dir: Path) -> dict:
+def read_adapter(adapter_dir: Path) -> dict:
     st = adapter_dir / "adapter_model.safetensors"
     if st.is_file():
         from safetensors.torch import load_file

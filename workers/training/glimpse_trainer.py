@@ -57,6 +57,7 @@ from transformers import DynamicCache
 from workers.toyworld import WorldConfig, Sample, load_world, make_sample
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
+from workers.modeling.loading import read_adapter
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
 from workers.training import lora as lora_lib
 from workers.training.data import IGNORE_INDEX, BatchEncoder, box_masks, image_patches, object_masks
@@ -485,7 +486,7 @@ class GlimpseTrainer:
         saved = GlimpseModules.from_directory(directory)
         self.modules.load_official_state(saved.official_state(), source=str(directory))
         if self.lora:
-            lora_lib.load_state(self.lora, lora_lib.read(directory))
+            lora_lib.load_state(self.lora, read_adapter(directory))
         state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"{directory}: checkpoint planned {state['total_steps']} steps, this run {self.total_steps}")

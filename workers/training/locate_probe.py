@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from workers.modeling import compat
 from workers.modeling.qwen2_5_vl import QwenGlimpseModel
 from workers.toyworld import WorldConfig, make_sample
-from workers.training.data import BatchEncoder, box_masks, object_masks
+from workers.training.data import BatchEncoder
 from workers.training.glimpse_trainer import build_batch, insert_glimpse
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,11 @@ def first_words(encoder: BatchEncoder, samples: Sequence, batch) -> tuple[torch.
 
 def run_probe(core: QwenGlimpseModel, encoder: BatchEncoder, world: WorldConfig, rows: int, batch_size: int = 16) -> dict:
     per_row = []
-    merge = core.visual.spatial_merge_size
     for start in range(0, rows, batch_size):
         samples = [make_sample(world, i) for i in range(start, min(start + batch_size, rows))]
         batch = build_batch(encoder, samples)
-        relevant = [m.numpy().astype(bool) for m in box_masks(samples, batch.inputs.image_grid_thw, merge)]
-        objects = [m.numpy().astype(bool) for m in object_masks(samples, batch.inputs.image_grid_thw, merge)]
+        relevant = [m.numpy().astype(bool) for m in batch.box_masks]
+        objects = [m.numpy().astype(bool) for m in batch.object_masks]
         word_pos, has_word = first_words(encoder, samples, batch)
         scores = layer_scores(core, batch, word_pos)
         for b, s in enumerate(samples):

@@ -17,13 +17,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from workers.modeling.loading import ADAPTER_CONFIG
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the name loading.read_adapter reads first
 
 
 @dataclass(frozen=True)
@@ -128,21 +128,3 @@ def save(wrapped: dict[str, LoraLinear], cfg: LoraConfig, directory: Path, base_
               "fan_in_fan_out": False, "use_rslora": False, "bias": "none", "base_model_name_or_path": base_name}
     save_file(state_dict(wrapped), str(directory / ADAPTER_WEIGHTS))
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-
-
-def read(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / ADAPTER_WEIGHTS))
-
-
-def detach(model: nn.Module, wrapped: dict[str, LoraLinear]) -> None:
-    """Put the plain base linears back (the adapter is not merged)."""
-    modules = dict(model.named_modules())
-    for path in wrapped:
-        parent_path, _, name = path.rpartition(".")
-        setattr(modules[parent_path], name, wrapped[path].base)
-
-
-def paths(wrapped: dict[str, LoraLinear]) -> Sequence[str]:
-    return list(wrapped)
