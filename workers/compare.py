@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from workers.modeling.api import GenerationRequest, KeepMasks, SamplingParams
@@ -59,7 +60,8 @@ MASK_SETTINGS = ("oracle", "anti_oracle", "anti_glimpse", "no_visual")
 @dataclass(frozen=True)
 class EvalItem:
     """One evaluation row: its images, question, reference answers, task and metric; boxes (normalised
-    x0, y0, x1, y1 of the regions that answer it, one image) when the set has them, else None."""
+    x0, y0, x1, y1 of the regions that answer it, on image `box_image` of the row) when the set has
+    them, else None."""
 
     id: str
     images: tuple
@@ -68,6 +70,7 @@ class EvalItem:
     task: str
     metric: str
     boxes: Optional[tuple] = None
+    box_image: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,15 @@ def build_settings(model, processor, modules, cfg: CompareConfig) -> dict:
 def _box_masks(items: Sequence[EvalItem], grids, merge: int) -> list:
     from workers.toyworld.world import box_token_mask
 
-    out = []
-    for item, (_, gh, gw) in zip(items, grids.tolist()):
-        out.append(torch.from_numpy(box_token_mask(item.boxes, gh // merge, gw // merge)).flatten())
+    flat = grids.tolist()
+    if len(flat) != sum(len(item.images) for item in items):
+        raise ValueError(f"{len(items)} rows hold {sum(len(item.images) for item in items)} images, {len(flat)} grids given")
+    out, at = [], 0
+    for item in items:
+        parts = [box_token_mask(item.boxes if k == item.box_image else [], gh // merge, gw // merge).reshape(-1)
+                 for k, (_, gh, gw) in enumerate(flat[at:at + len(item.images)])]
+        at += len(item.images)
+        out.append(torch.from_numpy(np.concatenate(parts)))
     return out
 
 
@@ -191,20 +200,20 @@ def record(item: EvalItem, results: dict, work: Optional[dict] = None) -> dict:
 def synthetic_items(world, start: int, stop: int) -> list:
     """Rows start..stop-1 of a synthetic world: one-word answers by exact match, list answers
     (captioning, quadrant) by object F1, the relevant objects' boxes for the oracle."""
-    from workers.toyworld import make_sample
+    from workers.toyworld import make_sample, row_images
     from workers.training.eval_report import LIST_QTYPES
 
     out = []
     for i in range(start, stop):
         s = make_sample(world, i)
-        out.append(EvalItem(id=s.id, images=(s.image,), question=s.question, refs=(s.answer,), task=s.qtype,
+        out.append(EvalItem(id=s.id, images=row_images(s), question=s.question, refs=(s.answer,), task=s.qtype,
                             metric="object_f1" if s.qtype in LIST_QTYPES else "exact_match",
-                            boxes=tuple(tuple(b) for b in s.boxes)))
+                            boxes=tuple(tuple(b) for b in s.boxes), box_image=s.target))
     return out
 
 
 PARQUET_COLUMNS = {"id": "id", "image": "image", "question": "question", "answer": "answer", "task": "task",
-                   "boxes": "boxes"}
+                   "boxes": "boxes", "box_image": "target_image"}
 
 
 class ParquetSet:
@@ -213,8 +222,9 @@ class ParquetSet:
     Columns (names overridable): id; image (encoded bytes, a {bytes, path} struct as Hugging Face
     datasets write it, or a list of either for multi-image rows); question; answer (a string or a
     list of reference strings, e.g. VQAv2's ten); optional task (the per-task tables and the
-    metric choice); optional boxes (list of normalised [x0, y0, x1, y1], single-image rows: enables
-    the oracle / anti-oracle rows). metric: one name for all rows, a {task: name} dict (other tasks:
+    metric choice); optional boxes (list of normalised [x0, y0, x1, y1]: enables the oracle /
+    anti-oracle rows) on the row's image number `box_image` (column `target_image` in the toy world's
+    shards; 0 when absent). metric: one name for all rows, a {task: name} dict (other tasks:
     picked), or None to pick per task (`workers.metrics.pick_metric`). post_prompt: appended to every question (lmms-eval's
     "Answer the question using a single word or phrase." for short-answer sets)."""
 
@@ -260,13 +270,15 @@ class ParquetSet:
             images = row[c["image"]]
             images = tuple(_image(x) for x in (images if isinstance(images, list) else [images]))
             boxes = row.get(c["boxes"]) if self.has_boxes else None
-            if self.has_boxes and len(images) != 1:
-                raise ValueError(f"row {row[c['id']]}: boxes need exactly one image per row")
+            box_image = int(row.get(c["box_image"]) or 0) if self.has_boxes else 0
+            if self.has_boxes and not 0 <= box_image < len(images):
+                raise ValueError(f"row {row[c['id']]}: boxes on image {box_image} of a row with {len(images)} image(s)")
             question = str(row[c["question"]]) + (("\n" + self.post_prompt) if self.post_prompt else "")
             metric = self.metric.get(task) if isinstance(self.metric, dict) else self.metric
             out.append(EvalItem(id=str(row[c["id"]] if row[c["id"]] is not None else start + i), images=images,
                                 question=question, refs=refs, task=task, metric=metric or pick_metric(task, len(refs)),
-                                boxes=tuple(tuple(b) for b in (boxes or ())) if self.has_boxes else None))
+                                boxes=tuple(tuple(b) for b in (boxes or ())) if self.has_boxes else None,
+                                box_image=box_image))
         return out
 
 

@@ -3,6 +3,7 @@ reference rows are what they claim, Parquet sets with reference answers are scor
 metric, and the command writes its table, JSON, rows and plot (on the shipped small model)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from workers import compare
 from workers.compare import CompareConfig, EvalItem, ParquetSet, anti_masks
 from workers.metrics import score
 from workers.modeling.strategies import keep_count
-from workers.toyworld import load_world, samples_to_table, generate_samples
+from workers.toyworld import box_token_mask, generate_samples, load_world, samples_to_table
 
 from engine_helpers import patterned_image
 
@@ -117,3 +118,21 @@ def test_the_command_on_a_parquet_set_with_boxes(tmp_path):
     result = json.loads((out / "compare.json").read_text())
     assert result["rows"] == 3 and {"oracle", "anti_oracle", "no_visual"} <= set(result["settings"])
     assert "anti_glimpse" not in result["settings"]
+
+
+def test_two_image_rows_get_their_boxes_on_the_asked_image(tmp_path):
+    """A toy-world shard with two images per row (list column + target_image) as an eval set: each row's
+    oracle mask covers its boxes on the asked image and nothing of the other one."""
+    world = dataclasses.replace(load_world(V2, seed=31337), two_image_share=1.0)
+    samples = list(generate_samples(world, 4))
+    pq.write_table(samples_to_table(samples, multi=True), tmp_path / "part-0.parquet")
+    items = compare.ParquetSet(str(tmp_path), columns={"task": "qtype"}).items(0, 4)
+    assert [it.box_image for it in items] == [s.target for s in samples] and {s.target for s in samples} == {0, 1}
+    grids = torch.tensor([[1, 24, 24]] * 8)  # 336 px: 12 x 12 merged tokens per image
+    for item, s, mask in zip(items, samples, compare._box_masks(items, grids, 2)):
+        assert len(item.images) == 2 and mask.shape == (288,)
+        want = box_token_mask(s.boxes, 12, 12).reshape(-1)
+        assert torch.equal(mask[144 * s.target:144 * (s.target + 1)], torch.from_numpy(want))
+        assert not mask[144 * (1 - s.target):144 * (2 - s.target)].any()
+    with pytest.raises(ValueError, match="hold 8 images, 6 grids"):
+        compare._box_masks(items, grids[:6], 2)

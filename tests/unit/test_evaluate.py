@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.tiny import TinySpec, save_tiny_model_dir
-from workers.toyworld import WorldConfig, make_sample, save_world
+from workers.toyworld import WorldConfig, make_sample, row_images, save_world
 from workers.training import evaluate
 from workers.training.data import box_masks
 from workers.training.eval_report import (
@@ -201,11 +200,25 @@ def test_header_flags_a_keep_layer_other_than_the_reduce_layer():
     assert "after layer -1: a difference between the two groups" in evaluate.report_header({**meta, "keep_layer": -1})
 
 
-def test_multi_image_rows_are_refused_not_misaligned(tiny_model, tiny_processor, tiny_modules):
+def test_two_image_rows_put_every_mask_on_the_right_image(tiny_model, tiny_processor, tiny_modules):
     engines = evaluate.build_engines(tiny_model, tiny_processor, tiny_modules, EvalConfig())
-    world = WorldConfig(image_size=112, max_objects=4)
-    samples = [make_sample(world, 0), make_sample(world, 1)]
-    # A row with two images, as the multi-image world will have: same fields plus `images`.
-    two_images = [SimpleNamespace(**vars(samples[0]), images=(samples[0].image, samples[1].image)), samples[1]]
-    with pytest.raises(ValueError, match="one image per row"):
-        evaluate.evaluate_batch(engines, two_images, 0, EvalConfig(max_new_tokens=2))
+    world = WorldConfig(image_size=112, max_objects=4, seed=4, two_image_share=0.5)
+    samples = [make_sample(world, i) for i in range(12)]
+    samples = [s for s in samples if s.images and s.boxes][:2] + [s for s in samples if not s.images][:2]
+    assert len(samples) == 4
+    rows = evaluate.evaluate_batch(engines, samples, 0, EvalConfig(max_new_tokens=2))
+    for s, row in zip(samples, rows):
+        per_image = 16  # 112 px: 4 x 4 merged tokens per image
+        assert row["images"] == len(row_images(s)) and row["visual_tokens"] == per_image * row["images"]
+        assert row["oracle"]["mask"]["fp"] == row["oracle"]["mask"]["fn"] == 0
+        if s.images:
+            # The oracle keeps the asked image's box tokens and nothing of the other image; the
+            # outside_all mask keeps the whole other image.
+            assert row["oracle"]["other_image_share"] == 0.0
+            assert row["outside_all"]["other_image_share"] > 0.4
+            assert 0.0 <= row["glimpse"]["other_image_share"] <= 1.0
+        else:
+            assert "other_image_share" not in row["oracle"]
+    summary = summarise(rows, n_boot=50)
+    assert set(summary["by_images"]) == {"1", "2"} and summary["by_images"]["2"]["oracle"]["other_image_share"] == 0.0
+    assert "By images per row" in render_markdown(summary)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLConfig
 
-from workers.toyworld import WorldConfig, make_sample
+from workers.toyworld import WorldConfig, make_sample, row_images
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.glimpse import GlimpseModules
@@ -75,6 +75,27 @@ def test_training_importance_logits_equal_inference(model, tiny_processor, encod
         expected = [r.importance_logits for r in core.glimpse_stage(inputs, KeepRule())]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_two_image_rows_train_on_what_inference_sees(model, tiny_processor, encoder):
+    """Rows with one and two images in one batch: the training forward's VIP logits cover every visual
+    token of the row and equal the engine's; the box mask lies on the asked image only."""
+    modules = random_modules(model, seed=2)
+    world = dataclasses.replace(WORLD, two_image_share=0.5)
+    pool = [make_sample(world, i) for i in range(12)]
+    rows = [s for s in pool if s.images][:2] + [s for s in pool if not s.images][:1]
+    batch = build_batch(encoder, rows)
+    core = QwenGlimpseModel(model, modules)
+    with torch.no_grad():
+        got = training_forward(core, batch).importance_logits
+        inputs = GlimpseEngine(model, tiny_processor, modules).build_inputs(
+            [GenerationRequest(images=row_images(s), prompt=s.question) for s in rows])
+        expected = [r.importance_logits for r in core.glimpse_stage(inputs, KeepRule())]
+    for s, g, e, box in zip(rows, got, expected, batch.box_masks):
+        assert g.numel() == box.numel() == 16 * len(row_images(s))
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        if s.images:
+            assert not box[16 * (1 - s.target):16 * (2 - s.target)].any()
 
 
 def test_lm_loss_equals_stock_decoder_with_inserted_glimpse(model, encoder):

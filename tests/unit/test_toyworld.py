@@ -408,3 +408,66 @@ def test_world_json_round_trip_and_new_seed(tmp_path):
     path.write_text(json.dumps(newer))
     with pytest.raises(ValueError, match="newer"):
         record.load_world(tmp_path)
+
+
+# ---- two-image rows -------------------------------------------------------------------------------
+TWO = syn.WorldConfig(image_size=112, max_objects=6, seed=21, two_image_share=0.5)
+
+
+def test_two_image_rows_keep_the_first_scene_and_name_the_asked_image():
+    one = dataclasses.replace(TWO, two_image_share=0.0)
+    rows = [syn.make_sample(TWO, i) for i in range(40)]
+    pairs = [r for r in rows if r.images]
+    assert 10 <= len(pairs) <= 30 and {r.target for r in pairs} == {0, 1}
+    for i, row in enumerate(rows):
+        plain = syn.make_sample(one, i)
+        # The first scene never depends on the share; a one-image row is the plain world's row.
+        assert np.array_equal(np.asarray(syn.row_images(row)[0]), np.asarray(plain.image))
+        if not row.images:
+            assert (row.question, row.answer, row.boxes) == (plain.question, plain.answer, plain.boxes)
+            continue
+        assert len(row.images) == len(row.scenes) == 2 and row.image is row.images[row.target]
+        assert row.question.startswith(("First image: ", "Second image: ")[row.target])
+        assert row.objects == row.scenes[row.target] and row.num_objects == len(row.objects)
+        # The answer and boxes are about the asked scene: its boxes are among that scene's objects.
+        boxes = [o["box"] for o in row.scenes[row.target]]
+        assert all(b in boxes for b in row.boxes)
+        assert not np.array_equal(np.asarray(row.images[0]), np.asarray(row.images[1]))
+
+
+def test_row_box_masks_lie_on_the_asked_image_only():
+    row = next(r for r in (syn.make_sample(TWO, i) for i in range(40)) if r.images and r.target == 1 and r.boxes)
+    mask = syn.row_box_masks(row, [(4, 4), (4, 4)])
+    assert mask.shape == (32,) and not mask[:16].any()
+    assert np.array_equal(mask[16:], syn.box_token_mask(row.boxes, 4, 4).reshape(-1))
+    every = syn.row_box_masks(row, [(4, 4), (4, 4)], every_object=True)
+    assert every[:16].any() and every[16:].any() and (every | ~mask).all()
+    with pytest.raises(ValueError, match="2 images but 1 grids"):
+        syn.row_box_masks(row, [(4, 4)])
+
+
+def test_more_questions_share_the_images_and_pick_either():
+    index = next(i for i in range(40) if syn.make_sample(TWO, i).images)
+    first = syn.make_sample(TWO, index)
+    rows = syn.more_questions(TWO, first, index, 8)
+    assert rows[0] is first and len({r.id for r in rows}) == 8
+    assert all(r.images[0] is first.images[0] and r.images[1] is first.images[1] for r in rows)
+    assert {r.target for r in rows} == {0, 1}
+    assert [r.question for r in rows] == [r.question for r in syn.more_questions(TWO, syn.make_sample(TWO, index), index, 8)]
+
+
+def test_two_image_shards_hold_image_lists(tmp_path):
+    paths = shards.write_shards(TWO, 12, tmp_path / "s", rows_per_shard=12)
+    table = pq.read_table(paths[0])
+    assert table.schema.equals(shards.MULTI_SHARD_SCHEMA)
+    for row, sample in zip(table.to_pylist(), syn.generate_samples(TWO, 12)):
+        assert len(row["image"]) == len(syn.row_images(sample)) and row["target_image"] == sample.target
+        decoded = [np.asarray(Image.open(io.BytesIO(b))) for b in row["image"]]
+        assert all(np.array_equal(d, np.asarray(i)) for d, i in zip(decoded, syn.row_images(sample)))
+    with pytest.raises(ValueError, match="multi=True"):
+        shards.samples_to_table(syn.generate_samples(TWO, 12))
+    with pytest.raises(ValueError, match="two_image_share"):
+        dataclasses.replace(TWO, two_image_share=1.5)
+    # The recorded world round-trips the share.
+    record.save_world(TWO, tmp_path / "m")
+    assert record.load_world(tmp_path / "m") == TWO

@@ -2,6 +2,7 @@
 shipped small model answers easy held-out questions through the engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,12 +10,12 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from workers.toyworld import WorldConfig, generate_samples
+from workers.toyworld import WorldConfig, generate_samples, row_images
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.tiny import build_processor, build_tiny_model, load_processor
 from workers.training import train_base
-from workers.training.data import IGNORE_INDEX, BatchEncoder
+from workers.training.data import IGNORE_INDEX, BatchEncoder, image_patches
 from workers.training.train_base import HELDOUT_SEED, TrainConfig, build_heads, build_optimizer, train_step
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "small-qwen2_5_vl"
@@ -55,6 +56,43 @@ def test_prompt_ids_and_pixels_match_the_processor():
         got = batch.pixel_values[j * per_image:(j + 1) * per_image]
         want = ref["pixel_values"][2 * j * per_image:(2 * j + 1) * per_image]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_two_image_rows_encode_as_the_processor_does():
+    cfg = _tiny_cfg(two_image_share=0.5, batch_size=3, vision_warmup_steps=0)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    # The first step whose batch mixes one- and two-image rows (rows of different lengths and image counts).
+    samples = next(b for b in (train_base.training_samples(cfg, step=k, max_objects=4) for k in range(20))
+                   if {len(row_images(s)) for s in b} == {1, 2})
+    counts = [len(row_images(s)) for s in samples]
+    batch = BatchEncoder(processor).encode(samples)
+    messages = [[{"role": "user", "content": [{"type": "image"}] * len(row_images(s)) + [{"type": "text", "text": s.question}]}]
+                for s in samples]
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    processor.tokenizer.padding_side = "left"
+    ref = processor(text=texts, images=[i for s in samples for i in row_images(s)], padding=True, return_tensors="pt")
+    for row in range(len(samples)):
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool() & (batch.labels[row] == IGNORE_INDEX)]
+        assert torch.equal(prompt, ref["input_ids"][row][ref["attention_mask"][row].bool()])
+    # Each row lists its own images in prompt order (one slot per distinct image: the questions of one
+    # scene share it), its pixels are that image's, and its box cells are True only on the asked image.
+    assert batch.image_index.numel() == sum(counts)
+    slot_image: dict = {}
+    at, per_image = 0, batch.pixel_values.shape[0] // batch.image_grid_thw.shape[0]
+    for row, s in enumerate(samples):
+        for k, (slot, image) in enumerate(zip(batch.image_index[at:at + counts[row]].tolist(), row_images(s))):
+            assert slot_image.setdefault(slot, id(image)) == id(image)
+            want, _ = image_patches([image], processor.image_processor)
+            torch.testing.assert_close(batch.pixel_values[slot * per_image:(slot + 1) * per_image], want)
+            if k != (s.target if s.images else 0):
+                assert not batch.box_cells[row, k * 16:(k + 1) * 16].any()
+        at += counts[row]
+    assert len(slot_image) == batch.image_grid_thw.shape[0] == len({id(i) for s in samples for i in row_images(s)})
+    # A training step runs on the mixed batch (shield and pruned rows included).
+    model, heads = build_tiny_model(cfg.spec, seed=0), build_heads(cfg)
+    out = train_step(model, heads, build_optimizer(model, heads, cfg), batch,
+                     dataclasses.replace(cfg, shield_layer=1, prune_rows=0.5, prune_layer=1), step=1)
+    assert torch.isfinite(torch.tensor(out.lm_loss))
 
 
 def test_loss_decreases_on_a_fixed_batch():

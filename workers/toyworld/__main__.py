@@ -19,13 +19,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--min-objects", type=int, default=1)
     parser.add_argument("--max-objects", type=int, default=12)
+    parser.add_argument("--two-image-share", type=float, default=0.0,
+                        help="share of rows with two images, the question about one of them")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     config = WorldConfig(image_size=args.image_size, min_objects=args.min_objects,
-                         max_objects=args.max_objects, seed=args.seed)
+                         max_objects=args.max_objects, seed=args.seed, two_image_share=args.two_image_share)
     paths = write_shards(config, args.rows, args.out, rows_per_shard=args.rows_per_shard)
     for path in paths:
         print(path)

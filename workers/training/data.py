@@ -19,7 +19,7 @@ Invariants:
 - `cell_shape` / `cell_colour` are `workers.toyworld.dense_cell_labels` on the merged-token grid,
   flattened row-major, which is the order of the vision tower's merged output tokens.
 - Rows whose samples hold the same image object share one entry of `pixel_values` (`image_index`
-  maps row -> image): `scene_questions` asks several questions about one scene, so the vision tower
+  lists each row's images, rows in order; a two-image row has two entries): `scene_questions` asks several questions about one scene, so the vision tower
   runs once per scene, not once per question.
 - Word targets (`word_*`): at each question token that names a shape (or a colour), which colours
   (shapes) the scene's objects of that shape (colour) have, and how many there are. They let
@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -38,12 +39,13 @@ from workers.toyworld import (
     COLOURS,
     SHAPES,
     Sample,
-    SceneObject,
     WorldConfig,
-    ask_question,
-    box_token_mask,
     dense_cell_labels,
     make_sample,
+    more_questions,
+    row_box_masks,
+    row_images,
+    row_scenes,
 )
 
 IGNORE_INDEX = -100
@@ -63,7 +65,7 @@ class TrainBatch:
     labels: torch.Tensor  # [B, L], IGNORE_INDEX outside answer + <|im_end|>
     pixel_values: torch.Tensor  # [I * N, C * T * P * P]
     image_grid_thw: torch.Tensor  # [I, 3]
-    image_index: torch.Tensor  # [B], the image of each row
+    image_index: torch.Tensor  # [sum of images per row]: each row's images (indices into the I), rows in order
     cell_shape: torch.Tensor  # [I * G], 0 = background, else 1 + index in SHAPES
     cell_colour: torch.Tensor  # [I * G], 0 = background, else 1 + index in COLOURS
     word_pos: torch.Tensor  # [K, 2] (row, position) of each shape or colour word of the questions
@@ -72,8 +74,8 @@ class TrainBatch:
     word_count: torch.Tensor  # [K] how many objects have that shape (colour), clamped to MAX_COUNT
     qtypes: tuple[str, ...]
     answers: tuple[str, ...]
-    # [B, G] bool: each row's relevant boxes on its image's merged-token grid, raster order (the order
-    # of its image tokens); rows of smaller images are padded with False. Empty for "no object" rows.
+    # [B, G] bool: each row's relevant boxes on its images' merged-token grids (`box_masks`: the order
+    # of its image tokens); rows with fewer visual tokens are padded with False. Empty for "no object" rows.
     box_cells: torch.Tensor | None = None
 
     def to(self, device) -> "TrainBatch":
@@ -81,35 +83,47 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
+def _row_grids(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[list[tuple[int, int]]]:
+    """Split `grids` (one (t, h, w) per image, the rows' images in order) into each row's merged grids."""
+    flat = [(gh // merge, gw // merge) for _, gh, gw in grids.tolist()]
+    out, at = [], 0
+    for s in samples:
+        n = len(row_images(s))
+        out.append(flat[at:at + n])
+        at += n
+    if at != len(flat):
+        raise ValueError(f"{len(samples)} rows hold {at} images but {len(flat)} image grids were given")
+    return out
+
+
 def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
-    """Per sample, its relevant boxes on the merged-token grid of its image (grids[b] = (t, h, w)
-    patches): bool [h/merge * w/merge], raster order = the order of the image's tokens."""
-    return [torch.from_numpy(box_token_mask(s.boxes, gh // merge, gw // merge)).flatten()
-            for s, (_, gh, gw) in zip(samples, grids.tolist())]
+    """Per sample, its relevant boxes on the merged-token grids of its images (`grids`: one (t, h, w)
+    patch grid per image, every row's images in order, as `image_grid_thw`): bool [N_v(b)], the order
+    of the row's visual tokens (raster order per image, images in prompt order; the images a
+    two-image row does not ask about are all False)."""
+    return [torch.from_numpy(row_box_masks(s, g)) for s, g in zip(samples, _row_grids(samples, grids, merge))]
 
 
 def object_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
-    """Per sample, the tokens of every object of its scene (bool [N_v], raster order as `box_masks`)."""
-    return [torch.from_numpy(box_token_mask([o["box"] for o in s.objects], gh // merge, gw // merge)).flatten()
-            for s, (_, gh, gw) in zip(samples, grids.tolist())]
+    """Per sample, the tokens of every object of every image of the row (bool [N_v(b)], as `box_masks`)."""
+    return [torch.from_numpy(row_box_masks(s, g, every_object=True))
+            for s, g in zip(samples, _row_grids(samples, grids, merge))]
+
+
+def asked_image_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
+    """Per sample, True on the tokens of the image its question is about (all of them for one-image
+    rows): bool [N_v(b)], as `box_masks`."""
+    out = []
+    for s, row in zip(samples, _row_grids(samples, grids, merge)):
+        asked = s.target if s.images else 0
+        out.append(torch.cat([torch.full((gh * gw,), k == asked, dtype=torch.bool) for k, (gh, gw) in enumerate(row)]))
+    return out
 
 
 def scene_questions(world: WorldConfig, index: int, count: int) -> list[Sample]:
-    """`count` questions about scene `index` of `world`, all holding the same image object.
-
-    The first is `make_sample(world, index)` itself; question k >= 1 is drawn like the world draws
-    its own (`ask_question`, same mix) from `default_rng([seed, index, 1 + k])`, a stream the world
-    never uses, so the extra questions are as deterministic as the scene.
-    """
-    first = make_sample(world, index)
-    objects = [SceneObject.from_dict(o) for o in first.objects]
-    out = [first]
-    for k in range(1, count):
-        qa = ask_question(world, objects, np.random.default_rng([world.seed, index, 1 + k]))
-        boxes = [first.objects[i]["box"] for i in qa.relevant]
-        out.append(Sample(id=f"{first.id}-q{k}", image=first.image, question=qa.question, answer=qa.answer,
-                          qtype=qa.qtype, boxes=boxes, objects=first.objects, num_objects=first.num_objects))
-    return out
+    """`count` questions about scene `index` of `world` (`more_questions`: the first is
+    `make_sample(world, index)` itself), all holding the same image object(s)."""
+    return more_questions(world, make_sample(world, index), index, count)
 
 
 def image_patches(images: Sequence, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,19 +175,25 @@ class BatchEncoder:
         self._prompts: dict[tuple[str, int], list[int]] = {}
         self._words: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
 
-    def prompt_ids(self, question: str, image_tokens: int) -> list[int]:
-        """Token ids of the templated prompt for one image and `question`, image pad expanded."""
-        key = (question, image_tokens)
+    def prompt_ids(self, question: str, image_tokens) -> list[int]:
+        """Token ids of the templated prompt for `question` after one image per entry of `image_tokens`
+        (an int: one image), each image pad expanded to its token count."""
+        counts = (image_tokens,) if isinstance(image_tokens, int) else tuple(image_tokens)
+        key = (question, counts)
         if key not in self._prompts:
-            content = [{"type": "image"}, {"type": "text", "text": question}]
+            content = [{"type": "image"}] * len(counts) + [{"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            at = ids.index(self.image_token_id)
-            self._prompts[key] = ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1:]
+            out, pads = [], iter(counts)
+            for token in ids:
+                out.extend([token] * next(pads) if token == self.image_token_id else [token])
+            if next(pads, None) is not None:
+                raise ValueError(f"the chat template placed fewer image pads than {len(counts)} images")
+            self._prompts[key] = out
         return self._prompts[key]
 
-    def question_words(self, question: str, image_tokens: int) -> list[tuple[int, int, str]]:
+    def question_words(self, question: str, image_tokens) -> list[tuple[int, int, str]]:
         """(index in the prompt ids, kind, canonical word) of each shape or colour word of the question."""
         key = (question, image_tokens)
         if key not in self._words:
@@ -191,14 +211,17 @@ class BatchEncoder:
         """The answer's tokens followed by <|im_end|>, the targets of the language-model loss."""
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_id]
 
+    def image_tokens(self, grid: torch.Tensor, images: Sequence[int]) -> tuple[int, ...]:
+        """The merged token count of each of `images` (indices into `grid`)."""
+        return tuple(int(grid[j, 1] * grid[j, 2]) // self.merge**2 for j in images)
+
     def answer_rows(self, samples: Sequence[Sample], grid: torch.Tensor,
-                    image_index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    row_slots: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded [prompt, answer, <|im_end|>] rows: input_ids, attention_mask, labels [B, L]
-        (labels = IGNORE_INDEX outside the answer). Row b asks about image image_index[b] of `grid`."""
+        (labels = IGNORE_INDEX outside the answer). Row b shows images row_slots[b] of `grid`, in order."""
         rows, targets = [], []
-        for sample, j in zip(samples, image_index):
-            _, gh, gw = grid[j].tolist()
-            prompt = self.prompt_ids(sample.question, gh * gw // self.merge**2)
+        for sample, slots in zip(samples, row_slots):
+            prompt = self.prompt_ids(sample.question, self.image_tokens(grid, slots))
             answer = self.answer_ids(sample.answer)
             rows.append(prompt + answer)
             targets.append([IGNORE_INDEX] * len(prompt) + answer)
@@ -214,26 +237,30 @@ class BatchEncoder:
 
     def encode(self, samples: Sequence[Sample]) -> TrainBatch:
         slot: dict[int, int] = {}  # id(image) -> index among the distinct images
-        image_index = [slot.setdefault(id(s.image), len(slot)) for s in samples]
-        firsts = list({id(s.image): s for s in samples}.values())  # one sample per image, in slot order
-        pixel_values, grid = image_patches([s.image for s in firsts], self.processor.image_processor)
-        input_ids, attention_mask, labels = self.answer_rows(samples, grid, image_index)
-        shapes, colours = self._cells(firsts, grid)
+        scenes: dict[int, tuple] = {}  # id(image) -> (image, its objects), in slot order
+        row_slots = []
+        for s in samples:
+            for image, objects in zip(row_images(s), row_scenes(s)):
+                scenes.setdefault(id(image), (image, objects))
+            row_slots.append([slot.setdefault(id(image), len(slot)) for image in row_images(s)])
+        pixel_values, grid = image_patches([image for image, _ in scenes.values()], self.processor.image_processor)
+        input_ids, attention_mask, labels = self.answer_rows(samples, grid, row_slots)
+        shapes, colours = self._cells(list(scenes.values()), grid)
         pads = (attention_mask == 0).sum(dim=1).tolist()
-        words = self._word_targets(samples, grid, image_index, pads)
+        words = self._word_targets(samples, grid, row_slots, pads)
+        flat = [j for slots in row_slots for j in slots]
         return TrainBatch(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-            pixel_values=pixel_values, image_grid_thw=grid, image_index=torch.tensor(image_index),
+            pixel_values=pixel_values, image_grid_thw=grid, image_index=torch.tensor(flat),
             cell_shape=shapes, cell_colour=colours, **words,
             qtypes=tuple(s.qtype for s in samples), answers=tuple(s.answer for s in samples),
-            box_cells=torch.nn.utils.rnn.pad_sequence(box_masks(samples, grid[image_index], self.merge), batch_first=True),
+            box_cells=torch.nn.utils.rnn.pad_sequence(box_masks(samples, grid[flat], self.merge), batch_first=True),
         )
 
-    def _word_targets(self, samples, grid, image_index, pads) -> dict[str, torch.Tensor]:
+    def _word_targets(self, samples, grid, row_slots, pads) -> dict[str, torch.Tensor]:
         pos, kind, multi, count = [], [], [], []
-        for row, (sample, j, pad) in enumerate(zip(samples, image_index, pads)):
-            _, gh, gw = grid[j].tolist()
-            for index, word_kind, word in self.question_words(sample.question, gh * gw // self.merge**2):
+        for row, (sample, slots, pad) in enumerate(zip(samples, row_slots, pads)):
+            for index, word_kind, word in self.question_words(sample.question, self.image_tokens(grid, slots)):
                 if word_kind == SHAPE_WORD:
                     hits = [o["colour"] for o in sample.objects if o["shape"] == word]
                     vocabulary = COLOURS
@@ -251,10 +278,11 @@ class BatchEncoder:
             "word_count": torch.tensor(count, dtype=torch.long),
         }
 
-    def _cells(self, samples: Sequence[Sample], grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cells(self, scenes: Sequence[tuple], grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense labels of each distinct image ((image, objects) in slot order)."""
         shapes, colours = [], []
-        for sample, (_, gh, gw) in zip(samples, grid.tolist()):
-            shape, colour = dense_cell_labels(sample, gh // self.merge, gw // self.merge)
+        for (image, objects), (_, gh, gw) in zip(scenes, grid.tolist()):
+            shape, colour = dense_cell_labels(SimpleNamespace(image=image, objects=objects), gh // self.merge, gw // self.merge)
             shapes.append(shape.reshape(-1))
             colours.append(colour.reshape(-1))
         return torch.from_numpy(np.concatenate(shapes)), torch.from_numpy(np.concatenate(colours))

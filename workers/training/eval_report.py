@@ -165,6 +165,15 @@ def summarise(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
     out["box_ratio"] = {"all": _mean(r["box_ratio"] for r in records),
                         "by_qtype": {q: _mean(r["box_ratio"] for r in rs) for q, rs in by_qtype.items()},
                         "by_objects": {str(n): _mean(r["box_ratio"] for r in rs) for n, rs in sorted(by_objects.items())}}
+    by_images = defaultdict(list)
+    for r in records:
+        by_images[r.get("images", 1)].append(r)
+    if len(by_images) > 1 or 1 not in by_images:
+        out["by_images"] = {str(n): {name: _setting_stats(name, rs, None) for name in SETTINGS} for n, rs in sorted(by_images.items())}
+        for n, rs in by_images.items():
+            for name in PRUNED:
+                shares = [r[name]["other_image_share"] for r in rs if "other_image_share" in r.get(name, {})]
+                out["by_images"][str(n)][name]["other_image_share"] = _mean(shares)
     out["differences"] = differences(groups, n_boot, seed)
     out["intervals"] = f"paired percentile bootstrap over rows, {n_boot} resamples, seed {seed}, 95%"
     return out
@@ -232,6 +241,17 @@ def render_markdown(summary: dict, header: str = "") -> str:
                       _fmt(s["glimpse_cap"]["by_objects"][k]["keep_ratio"], True), _fmt(summary["box_ratio"]["by_objects"][k], True)]
                      + [_fmt(s[n]["by_objects"][k]["accuracy"], True) for n in acc_names]
                      for k, e in s["unpruned"]["by_objects"].items()])
+    if "by_images" in summary:
+        bi = summary["by_images"]
+        names = ("unpruned", "glimpse", "glimpse_cap", "oracle", "anti_oracle", "random", "no_visual")
+        lines += ["", "By images per row: accuracy per setting; glimpse's keep ratio and the share of its kept tokens "
+                  "on the image the question is NOT about (0 = only the asked image kept):", ""]
+        lines += _table(["images", "n"] + [f"acc {n}" for n in names] + ["keep glimpse", "glimpse kept on other image",
+                                                                          "random kept on other image"],
+                        [[k, str(e["unpruned"]["n"])] + [_fmt(e[n]["accuracy"], True) for n in names]
+                         + [_fmt(e["glimpse"]["keep_ratio"], True), _fmt(e["glimpse"].get("other_image_share"), True),
+                            _fmt(e["random"].get("other_image_share"), True)]
+                         for k, e in bi.items()])
     lines += ["", "Plot: eval.png (accuracy, or object F1 for list answers, vs mean keep ratio, per question type)."]
     return "\n".join(lines) + "\n"
 

@@ -44,8 +44,8 @@ from workers.modeling.api import GenerationRequest, KeepMasks, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
-from workers.toyworld import Sample, WorldConfig, load_world, make_sample
-from workers.training.data import box_masks
+from workers.toyworld import Sample, WorldConfig, load_world, make_sample, row_images
+from workers.training.data import asked_image_masks, box_masks
 from workers.training.eval_report import (
     SETTINGS, caption_objects, confusion, normalise, object_f1, render_markdown, summarise, token_f1, write_plot,
     LIST_QTYPES,
@@ -69,6 +69,7 @@ class EvalConfig:
     image_size: Optional[int] = None
     min_objects: Optional[int] = None
     max_objects: Optional[int] = None
+    two_image_share: Optional[float] = None
     batch_size: int = 16
     max_new_tokens: int = 96  # a 12-object caption is ~60 tokens
     threshold: float = 0.5
@@ -80,7 +81,8 @@ class EvalConfig:
     def world(self, trained: WorldConfig) -> WorldConfig:
         if self.seed == trained.seed:
             raise ValueError(f"held-out seed {self.seed} is the training world's seed")
-        overrides = {k: getattr(self, k) for k in ("image_size", "min_objects", "max_objects") if getattr(self, k) is not None}
+        overrides = {k: getattr(self, k) for k in ("image_size", "min_objects", "max_objects", "two_image_share")
+                     if getattr(self, k) is not None}
         return dataclasses.replace(trained, seed=self.seed, **overrides)
 
 
@@ -120,22 +122,14 @@ def baseline_masks(boxes: Sequence[torch.Tensor], glimpse_counts: Sequence[int],
 
 
 # ---- running --------------------------------------------------------------------------------------
-def sample_images(sample: Sample) -> tuple:
-    images = getattr(sample, "images", None)
-    return tuple(images) if images else (sample.image,)
-
-
 def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, cfg: EvalConfig) -> list:
     """All settings on one batch; returns one record per sample."""
     gp = engines["glimpse"]
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
-    inputs = gp.build_inputs([GenerationRequest(images=sample_images(s), prompt=s.question) for s in samples])
-    if inputs.image_grid_thw is None or inputs.image_grid_thw.shape[0] != len(samples):
-        # data.box_masks pairs one grid with one sample; with multi-image rows it would silently
-        # misalign the oracle. Refuse until box masks cover every image of a row.
-        raise ValueError(f"{len(samples)} rows but {0 if inputs.image_grid_thw is None else inputs.image_grid_thw.shape[0]} "
-                         "images: the evaluator's box masks handle exactly one image per row")
+    inputs = gp.build_inputs([GenerationRequest(images=row_images(s), prompt=s.question) for s in samples])
+    # One mask per row over all its images' tokens (box_masks raises if the grids do not add up).
     boxes = box_masks(samples, inputs.image_grid_thw, gp.core.visual.spatial_merge_size)
+    asked = asked_image_masks(samples, inputs.image_grid_thw, gp.core.visual.spatial_merge_size)
     results = {
         "unpruned": gp.generate_from_inputs(inputs, sampling, prune=False),
         "glimpse": gp.generate_from_inputs(inputs, sampling, return_masks=True),
@@ -146,14 +140,19 @@ def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, c
     for name in MASKED:
         keep = KeepMasks(tuple(masks[name]), cfg.keep_layer)
         results[name] = gp.generate_from_inputs(inputs, sampling, return_masks=True, keep=keep)
-    return [record(s, boxes[i], {name: res[i] for name, res in results.items()}, cfg.threshold)
+    return [record(s, boxes[i], {name: res[i] for name, res in results.items()}, cfg.threshold, asked[i])
             for i, s in enumerate(samples)]
 
 
-def record(sample: Sample, box: torch.Tensor, results: dict, threshold: float) -> dict:
-    """One row: per setting the answer, its scores, keep ratio and keep mask vs box mask counts."""
+def record(sample: Sample, box: torch.Tensor, results: dict, threshold: float,
+           asked: Optional[torch.Tensor] = None) -> dict:
+    """One row: per setting the answer, its scores, keep ratio and keep mask vs box mask counts; on a
+    two-image row (`asked`: True on the asked image's tokens) also the share of the kept tokens that
+    lie on the other image (`other_image_share`)."""
+    images = len(row_images(sample))
     out = {"id": sample.id, "qtype": sample.qtype, "num_objects": sample.num_objects, "answer": sample.answer,
-           "question": sample.question, "visual_tokens": int(box.numel()), "box_ratio": float(box.float().mean())}
+           "question": sample.question, "images": images, "visual_tokens": int(box.numel()),
+           "box_ratio": float(box.float().mean())}
     gold = normalise(sample.answer)
     for name, res in results.items():
         entry = {"text": res.text, "correct": normalise(res.text) == gold, "token_f1": token_f1(res.text, sample.answer),
@@ -162,6 +161,9 @@ def record(sample: Sample, box: torch.Tensor, results: dict, threshold: float) -
             entry["object_f1"] = object_f1(res.text, sample.answer)
         if res.keep_mask is not None and name != "unpruned":
             entry["mask"] = confusion(res.keep_mask, box)
+            if images > 1 and asked is not None:
+                kept = res.keep_mask.bool().cpu()
+                entry["other_image_share"] = float((kept & ~asked).sum()) / max(int(kept.sum()), 1)
         if name == "glimpse":
             entry["predicted_mask"] = confusion(res.importance_logits.sigmoid() > threshold, box)
         out[name] = entry
@@ -200,7 +202,8 @@ def report_header(meta: dict) -> str:
     world = meta["world"]
     header = (f"# GlimpsePrune evaluation\n\nbase `{meta['base']}`, modules `{meta['modules']}`; held-out seed "
               f"{world['seed']} of the training world ({meta['world_source'] or 'default world: no world.json'}; "
-              f"{world['image_size']} px, {world['min_objects']}-{world['max_objects']} objects); explicit masks pruned "
+              f"{world['image_size']} px, {world['min_objects']}-{world['max_objects']} objects"
+              f"{', two-image rows %.0f%%' % (100 * world['two_image_share']) if world.get('two_image_share') else ''}); explicit masks pruned "
               f"after layer {meta['keep_layer']}.\n")
     if meta["keep_layer"] != meta["reduce_layer"]:
         header += (f"\n**Note:** glimpse and glimpse_cap prune after the modules' reduce_layer {meta['reduce_layer']}, the "
@@ -227,7 +230,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--modules", required=True, help="glimpse modules dir / URL / hub id")
     p.add_argument("--out", required=True, type=Path)
     for f in dataclasses.fields(EvalConfig):
-        kind = type(f.default) if f.default is not None else (float if f.name == "cap" else int)
+        kind = type(f.default) if f.default is not None else (float if f.name in ("cap", "two_image_share") else int)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)

@@ -59,9 +59,10 @@ def measure(engine, samples, rounds: int = 3, batch_size: int = 16, max_new_toke
     import time
 
     from workers.modeling.api import GenerationRequest, SamplingParams
+    from workers.toyworld import row_images
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    batches = [engine.build_inputs([GenerationRequest(images=(s.image,), prompt=s.question)
+    batches = [engine.build_inputs([GenerationRequest(images=row_images(s), prompt=s.question)
                                     for s in samples[i:i + batch_size]]) for i in range(0, len(samples), batch_size)]
     walls: dict[bool, list[float]] = {False: [], True: []}
     prefill: dict[bool, list[float]] = {False: [], True: []}

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
-from workers.toyworld import WorldConfig, Sample, load_world, make_sample
+from workers.toyworld import WorldConfig, Sample, load_world, make_sample, row_images
 from workers.modeling import compat
 from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.loading import read_adapter
@@ -222,8 +222,11 @@ class GlimpseBatch:
 
 def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatch:
     """Encode samples with the base model's prompt format (`BatchEncoder`, = the engine's) plus box masks."""
-    pixel_values, grid = image_patches([s.image for s in samples], encoder.processor.image_processor)
-    ids, pad, labels = encoder.answer_rows(samples, grid, range(len(samples)))
+    images = [image for s in samples for image in row_images(s)]
+    pixel_values, grid = image_patches(images, encoder.processor.image_processor)
+    counts = [len(row_images(s)) for s in samples]
+    starts = np.cumsum([0] + counts[:-1]).tolist()
+    ids, pad, labels = encoder.answer_rows(samples, grid, [range(a, a + n) for a, n in zip(starts, counts)])
     masks = box_masks(samples, grid, encoder.merge)
     objects = tuple(object_masks(samples, grid, encoder.merge)) if all(s.objects for s in samples) else ()
     return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples), objects)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from workers.toyworld import WorldConfig, generate_samples, load_world
+from workers.toyworld import WorldConfig, generate_samples, load_world, row_images
 
 from .data import BatchEncoder
 from .train_base import PRESETS, answer_losses, box_positions
@@ -49,7 +49,7 @@ def glimpse_drops(engine, chunk, is_image: torch.Tensor, generator: torch.Genera
     """The engine's glimpse keep masks for `chunk` as drop masks, and a random mask of the same count."""
     from workers.modeling.api import GenerationRequest, SamplingParams
 
-    requests = [GenerationRequest(images=(s.image,), prompt=s.question) for s in chunk]
+    requests = [GenerationRequest(images=row_images(s), prompt=s.question) for s in chunk]
     results = engine.generate(requests, SamplingParams(max_new_tokens=1), return_masks=True)
     keep = torch.cat([r.keep_mask.bool().cpu() for r in results])
     glimpse = torch.zeros_like(is_image)

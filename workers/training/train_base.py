@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.toyworld import (COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples, save_world,
+from workers.toyworld import (COLOURS, QTYPES, SHAPES, Sample, WorldConfig, generate_samples, row_images, save_world,
                               v2_world)
 from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
 
@@ -157,6 +157,7 @@ class TrainConfig:
     grow_offset: int = 2  # index of the first grown-into layer; the others start as identity (zero output projections)
     shield_layer: int = -1  # >= 0: penalise visual attention of text (and visual) queries in layers 0..this (`shield_losses`)
     shield_weight: float = 1.0
+    two_image_share: float = 0.0  # share of training rows with two images, the question about one (world field)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -164,9 +165,9 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.questions_per_image < 1 or self.lr <= 0:
             raise ValueError(f"need steps, batch_size, questions_per_image >= 1 and lr > 0; got "
                              f"{self.steps}, {self.batch_size}, {self.questions_per_image}, {self.lr}")
-        if self.seed in range(HELDOUT_SEED, HELDOUT_SEED + len(QTYPES)):
+        if self.seed in range(HELDOUT_SEED, HELDOUT_SEED + len(QTYPES) + 1):
             raise ValueError(f"seed {self.seed} collides with the held-out seeds "
-                             f"{HELDOUT_SEED}..{HELDOUT_SEED + len(QTYPES) - 1}")
+                             f"{HELDOUT_SEED}..{HELDOUT_SEED + len(QTYPES)}")
         if not 1 <= self.start_max_objects <= MAX_OBJECTS:
             raise ValueError(f"start_max_objects must be in 1..{MAX_OBJECTS}, got {self.start_max_objects}")
         if self.world not in ("v1", "v2") or (self.world == "v2" and self.image_size != 336):
@@ -183,8 +184,9 @@ class TrainConfig:
         """The training world (v1 or v2) with this seed, object cap and mix (default: the run's)."""
         mix = question_mix or self.question_mix
         if self.world == "v2":
-            return dataclasses.replace(v2_world(seed, max_objects), question_mix=mix)
-        return WorldConfig(image_size=self.image_size, max_objects=max_objects, question_mix=mix, seed=seed)
+            return dataclasses.replace(v2_world(seed, max_objects), question_mix=mix, two_image_share=self.two_image_share)
+        return WorldConfig(image_size=self.image_size, max_objects=max_objects, question_mix=mix, seed=seed,
+                           two_image_share=self.two_image_share)
 
     def processor_pixels(self) -> dict:
         """Processor bounds: v2 pins min = max = the training size, so every image is seen at it."""
@@ -220,11 +222,13 @@ def heldout_samples(image_size: int, per_type: int, world: WorldConfig | None = 
     """`per_type` samples of each question type from the default world (1..12 objects), or from `world`
     (its types only).
 
-    Type k is drawn from its own world (seed HELDOUT_SEED + k, only that type in the mix); a
-    question that falls back to another type (no askable object) is skipped.
+    Type k is drawn from its own world (seed HELDOUT_SEED + k, only that type in the mix, one image
+    per row); a question that falls back to another type (no askable object) is skipped. A world with
+    two-image rows adds "two_image": `per_type` rows with two images each, the world's mix (seed
+    HELDOUT_SEED + len(QTYPES)).
     """
     out = {}
-    base = world or WorldConfig(image_size=image_size)
+    base = dataclasses.replace(world or WorldConfig(image_size=image_size), two_image_share=0.0)
     qtypes = [q for q in QTYPES if world is None or q in dict(world.question_mix)]
     for k, qtype in enumerate(QTYPES):
         if qtype not in qtypes:
@@ -238,6 +242,9 @@ def heldout_samples(image_size: int, per_type: int, world: WorldConfig | None = 
             if sample.qtype == qtype:
                 picked.append(sample)
         out[qtype] = picked
+    if world is not None and world.two_image_share > 0:
+        pairs = dataclasses.replace(world, two_image_share=1.0, seed=HELDOUT_SEED + len(QTYPES))
+        out["two_image"] = list(generate_samples(pairs, per_type))
     return out
 
 
@@ -717,7 +724,7 @@ def engine_accuracy(model_dir: str | Path, per_type: int, image_size: int = 224,
         answers = []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            requests = [GenerationRequest(images=(s.image,), prompt=s.question) for s in chunk]
+            requests = [GenerationRequest(images=row_images(s), prompt=s.question) for s in chunk]
             answers += [r.text.strip() for r in engine.generate(requests, sampling)]
         hits = [a == s.answer for a, s in zip(answers, samples)]
         wrong = [{"id": s.id, "question": s.question, "answer": s.answer, "got": a}
