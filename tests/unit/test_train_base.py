@@ -88,6 +88,10 @@ def test_two_image_rows_encode_as_the_processor_does():
                 assert not batch.box_cells[row, k * 16:(k + 1) * 16].any()
         at += counts[row]
     assert len(slot_image) == batch.image_grid_thw.shape[0] == len({id(i) for s in samples for i in row_images(s)})
+    # Held-out sets: one image per row for each question type, plus a two-image set.
+    heldout = train_base.heldout_samples(cfg.image_size, 2, cfg.make_world(0))
+    assert {len(row_images(s)) for k, v in heldout.items() if k != "two_image" for s in v} == {1}
+    assert [len(row_images(s)) for s in heldout["two_image"]] == [2, 2]
     # A training step runs on the mixed batch (shield and pruned rows included).
     model, heads = build_tiny_model(cfg.spec, seed=0), build_heads(cfg)
     out = train_step(model, heads, build_optimizer(model, heads, cfg), batch,

@@ -228,6 +228,7 @@ def heldout_samples(image_size: int, per_type: int, world: WorldConfig | None = 
     HELDOUT_SEED + len(QTYPES)).
     """
     out = {}
+    trained = world
     base = dataclasses.replace(world or WorldConfig(image_size=image_size), two_image_share=0.0)
     qtypes = [q for q in QTYPES if world is None or q in dict(world.question_mix)]
     for k, qtype in enumerate(QTYPES):
@@ -242,8 +243,8 @@ def heldout_samples(image_size: int, per_type: int, world: WorldConfig | None = 
             if sample.qtype == qtype:
                 picked.append(sample)
         out[qtype] = picked
-    if world is not None and world.two_image_share > 0:
-        pairs = dataclasses.replace(world, two_image_share=1.0, seed=HELDOUT_SEED + len(QTYPES))
+    if trained is not None and trained.two_image_share > 0:
+        pairs = dataclasses.replace(trained, two_image_share=1.0, seed=HELDOUT_SEED + len(QTYPES))
         out["two_image"] = list(generate_samples(pairs, per_type))
     return out
 
