@@ -15,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m workers.ask", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="base model: local dir, fsspec URL or hub id")
     ap.add_argument("--modules", help="glimpse modules: local dir, URL or hub id (omit: no pruning)")
-    ap.add_argument("--image", required=True, help="image file")
+    ap.add_argument("--image", required=True, action="append",
+                    help="image file; repeat for a multi-image question (images in prompt order)")
     ap.add_argument("--question", required=True)
     ap.add_argument("--threshold", type=float, default=None, help="keep rule threshold (default: the modules' config)")
     ap.add_argument("--max-remain-ratio", type=float, default=None, help="cap on the kept fraction, e.g. 0.111")
@@ -46,11 +47,13 @@ def main(argv=None) -> int:
     from workers.modeling.keep_rule import KeepRule
     from workers.modeling.loading import ModelLoadError, load_engine
 
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except (OSError, ValueError) as exc:
-        print(f"error: {args.image}: cannot read image ({exc})", file=sys.stderr)
-        return 2
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as exc:
+            print(f"error: {path}: cannot read image ({exc})", file=sys.stderr)
+            return 2
     try:
         engine = load_engine(args.model, None if args.no_prune else args.modules, device=args.device)
     except (ModelLoadError, ValueError) as exc:
@@ -63,18 +66,27 @@ def main(argv=None) -> int:
             max_remain_ratio=args.max_remain_ratio if args.max_remain_ratio is not None else base.max_remain_ratio,
             min_remain_num=base.min_remain_num,
         )
-    request = GenerationRequest(images=(image,), prompt=args.question)
+    import torch
+
+    request = GenerationRequest(images=tuple(images), prompt=args.question)
     result = engine.generate([request], SamplingParams(max_new_tokens=args.max_new_tokens), return_masks=True)[0]
+    keep = torch.as_tensor(result.keep_mask if result.keep_mask is not None else [True] * result.visual_tokens)
+    merge = engine.core.visual.spatial_merge_size
+    grids = [tuple((g[1:] // merge).tolist()) for g in engine.build_inputs([request]).image_grid_thw]
+    parts = torch.split(keep, [h * w for h, w in grids])  # the row's visual tokens, image by image
     print(f"answer: {result.text}")
     print(f"keep ratio: {result.keep_ratio:.3f} ({result.kept_tokens}/{result.visual_tokens} visual tokens kept)")
+    if len(images) > 1:
+        print("per image: " + ", ".join(f"{k + 1}: {int(p.sum())}/{p.numel()}" for k, p in enumerate(parts)))
     print(f"time: prefill {result.prefill_s * 1000:.1f} ms, decode {result.decode_s * 1000:.1f} ms ({result.output_tokens} tokens)")
     if args.overlay:
-        inputs = engine.build_inputs([request])
-        grid = tuple((inputs.image_grid_thw[0, 1:] // 2).tolist())
-        keep = result.keep_mask if result.keep_mask is not None else [True] * result.visual_tokens
-        import torch
-
-        overlay(image, grid, torch.as_tensor(keep)).save(args.overlay)
+        tiles = [overlay(image, grid, part) for image, grid, part in zip(images, grids, parts)]
+        sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
+        x = 0
+        for tile in tiles:  # side by side, prompt order
+            sheet.paste(tile, (x, 0))
+            x += tile.width + 8
+        sheet.save(args.overlay)
         print(f"overlay: {args.overlay}")
     return 0
 
