@@ -217,8 +217,14 @@ def test_two_image_rows_put_every_mask_on_the_right_image(tiny_model, tiny_proce
             assert row["oracle"]["other_image_share"] == 0.0
             assert row["outside_all"]["other_image_share"] > 0.4
             assert 0.0 <= row["glimpse"]["other_image_share"] <= 1.0
+            # The swapped control is the engine's answer with the images in reverse order.
+            engine = engines["glimpse"]
+            back = engine.generate_from_inputs(engine.build_inputs([GenerationRequest(images=row_images(s)[::-1], prompt=s.question)]),
+                                               SamplingParams(max_new_tokens=2), prune=False)[0]
+            assert row["unpruned_swapped"]["text"] == back.text
         else:
-            assert "other_image_share" not in row["oracle"]
+            assert "other_image_share" not in row["oracle"] and "unpruned_swapped" not in row
     summary = summarise(rows, n_boot=50)
     assert set(summary["by_images"]) == {"1", "2"} and summary["by_images"]["2"]["oracle"]["other_image_share"] == 0.0
+    assert summary["by_images"]["2"]["unpruned_swapped"]["n"] == 2 and summary["by_images"]["1"]["unpruned_swapped"]["n"] == 0
     assert "By images per row" in render_markdown(summary)

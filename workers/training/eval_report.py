@@ -174,6 +174,11 @@ def summarise(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
             for name in PRUNED:
                 shares = [r[name]["other_image_share"] for r in rs if "other_image_share" in r.get(name, {})]
                 out["by_images"][str(n)][name]["other_image_share"] = _mean(shares)
+            swapped = [r for r in rs if "unpruned_swapped" in r]
+            out["by_images"][str(n)]["unpruned_swapped"] = {
+                "n": len(swapped), "accuracy": _mean(r["unpruned_swapped"]["correct"] for r in swapped),
+                "difference": paired_bootstrap([r["unpruned"]["correct"] for r in swapped],
+                                               [r["unpruned_swapped"]["correct"] for r in swapped], n_boot, seed)}
     out["differences"] = differences(groups, n_boot, seed)
     out["intervals"] = f"paired percentile bootstrap over rows, {n_boot} resamples, seed {seed}, 95%"
     return out
@@ -244,12 +249,17 @@ def render_markdown(summary: dict, header: str = "") -> str:
     if "by_images" in summary:
         bi = summary["by_images"]
         names = ("unpruned", "glimpse", "glimpse_cap", "oracle", "anti_oracle", "random", "no_visual")
-        lines += ["", "By images per row: accuracy per setting; glimpse's keep ratio and the share of its kept tokens "
-                  "on the image the question is NOT about (0 = only the asked image kept):", ""]
-        lines += _table(["images", "n"] + [f"acc {n}" for n in names] + ["keep glimpse", "glimpse kept on other image",
-                                                                          "random kept on other image"],
+        lines += ["", "By images per row: accuracy per setting; unpruned with the images in reverse order (the "
+                  "question names the same image: a model that reads the named image loses, one that ignores the name "
+                  "does not) and unpruned minus that; glimpse's keep ratio and the share of its kept tokens on the image "
+                  "the question is NOT about (0 = only the asked image kept):", ""]
+        lines += _table(["images", "n"] + [f"acc {n}" for n in names]
+                        + ["acc unpruned, images swapped", "unpruned - swapped", "keep glimpse", "glimpse kept on other image",
+                           "random kept on other image"],
                         [[k, str(e["unpruned"]["n"])] + [_fmt(e[n]["accuracy"], True) for n in names]
-                         + [_fmt(e["glimpse"]["keep_ratio"], True), _fmt(e["glimpse"].get("other_image_share"), True),
+                         + [_fmt(e["unpruned_swapped"]["accuracy"], True),
+                            _diff_text(e["unpruned_swapped"]["difference"]) if e["unpruned_swapped"]["n"] else "-",
+                            _fmt(e["glimpse"]["keep_ratio"], True), _fmt(e["glimpse"].get("other_image_share"), True),
                             _fmt(e["random"].get("other_image_share"), True)]
                          for k, e in bi.items()])
     lines += ["", "Plot: eval.png (accuracy, or object F1 for list answers, vs mean keep ratio, per question type)."]

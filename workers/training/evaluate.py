@@ -19,6 +19,8 @@ Every row is answered (greedy) eight ways by the same base model, from the same 
   outside_all  keep every token outside the relevant boxes (the answer's tokens alone are gone);
   random       per row, as many tokens as `glimpse` kept, uniformly at random (seeded per row);
   no_visual    keep no visual token.
+Two-image rows also get `unpruned_swapped`: the plain model with the two images in reverse order (the
+question still names the first or second image), the control for "does the model read the named image".
 The last four are explicit keep masks through the engine's keep-mask API (`KeepMasks`): the same
 compaction, KV cache, re-left-pad and decode as glimpse, pruned after the modules' reduce_layer, or
 after `--keep-layer` (-1 = before the LLM).
@@ -140,8 +142,18 @@ def evaluate_batch(engines: dict, samples: Sequence[Sample], first_index: int, c
     for name in MASKED:
         keep = KeepMasks(tuple(masks[name]), cfg.keep_layer)
         results[name] = gp.generate_from_inputs(inputs, sampling, return_masks=True, keep=keep)
-    return [record(s, boxes[i], {name: res[i] for name, res in results.items()}, cfg.threshold, asked[i])
-            for i, s in enumerate(samples)]
+    records = [record(s, boxes[i], {name: res[i] for name, res in results.items()}, cfg.threshold, asked[i])
+               for i, s in enumerate(samples)]
+    # Two-image rows, the images' order reversed (same question): a model that reads the image the
+    # question names now looks at the wrong scene, one that ignores the name answers as before.
+    multi = [i for i, s in enumerate(samples) if len(row_images(s)) > 1]
+    if multi:
+        swapped = gp.generate_from_inputs(gp.build_inputs([
+            GenerationRequest(images=row_images(samples[i])[::-1], prompt=samples[i].question) for i in multi]),
+            sampling, prune=False)
+        for i, res in zip(multi, swapped):
+            records[i]["unpruned_swapped"] = {"text": res.text, "correct": normalise(res.text) == normalise(samples[i].answer)}
+    return records
 
 
 def record(sample: Sample, box: torch.Tensor, results: dict, threshold: float,
