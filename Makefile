@@ -27,7 +27,8 @@ bench: $(BIN)/.installed
 # layer) and pruning-aware rows; glimpse modules on it; the keep probe (unpruned / oracle / anti-oracle /
 # no-visual / glimpse / random). Each stage resumes (`--resume`). Stage a ran in two legs because the
 # shipped run was cut short (leg 1 on a 600-step schedule to step 100, leg 2 re-planned to 200 steps);
-# stage b is a fresh 800-step schedule from it with a region-heavy mix. ~8 + 22 + 13 min on 2 idle cores.
+# stage b is a fresh 800-step schedule from it with a region-heavy mix; stage c adds two-image rows.
+# ~8 + 22 + 13 + 25 min on 2 idle cores, then ~15 min for the modules.
 # The VIP is sized to this decoder (64/64 instead of the released 256/512 scaled to 128/256): at 128/256
 # it cost as many FLOPs as the pruned layers saved, so pruning was 7.5% slower than none in the engine.
 # SM2=DIR to write elsewhere; copy $(SM2)/base and $(SM2)/glimpse to models/ to ship them.
@@ -40,17 +41,22 @@ V2_COMMON := --preset small-v2 --world v2 --image-size 336 --shield-layer 1 --sh
 V2_A := $(V2_COMMON) --grow-from $(V1) --grow-offset 2 --lr 1e-3 --warmup-steps 30 --eval-every 100 \
 	--question-mix attribute=0.15,existence=0.15,counting=0.1,captioning=0.05,next_to=0.2,quadrant=0.2,region_count=0.15 \
 	--checkpoint-dir $(SM2)/stage_a_ckpt
+V2_MIX := attribute=0.1,existence=0.1,counting=0.1,captioning=0.05,next_to=0.25,quadrant=0.2,region_count=0.2
 V2_B := $(V2_COMMON) --init-from $(SM2)/stage_a --seed 7 --steps 800 --lr 6e-4 --warmup-steps 20 --eval-every 200 \
-	--question-mix attribute=0.1,existence=0.1,counting=0.1,captioning=0.05,next_to=0.25,quadrant=0.2,region_count=0.2 \
-	--checkpoint-dir $(SM2)/base_ckpt
+	--question-mix $(V2_MIX) --checkpoint-dir $(SM2)/stage_b_ckpt
+# Stage c: two-image rows (30% of the rows show two scenes, the question names the asked one), 600 steps.
+V2_C := $(V2_COMMON) --init-from $(SM2)/stage_b --seed 13 --steps 600 --lr 4e-4 --warmup-steps 20 --eval-every 300 \
+	--two-image-share 0.3 --question-mix $(V2_MIX) --checkpoint-dir $(SM2)/base_ckpt
 
 small-model: $(SM2)/probe.json
 
 $(SM2)/stage_a/model.safetensors: | $(BIN)/.installed
 	$(TRAIN) --out $(SM2)/stage_a $(V2_A) --steps 600 --stop-at 100
 	$(TRAIN) --out $(SM2)/stage_a $(V2_A) --steps 200
-$(SM2)/base/model.safetensors: $(SM2)/stage_a/model.safetensors
-	$(TRAIN) --out $(SM2)/base $(V2_B)
+$(SM2)/stage_b/model.safetensors: $(SM2)/stage_a/model.safetensors
+	$(TRAIN) --out $(SM2)/stage_b $(V2_B)
+$(SM2)/base/model.safetensors: $(SM2)/stage_b/model.safetensors
+	$(TRAIN) --out $(SM2)/base $(V2_C)
 $(SM2)/glimpse/new_modules_gp.pt: $(SM2)/base/model.safetensors
 	$(BIN)/python -m workers.training.glimpse_trainer --base $(SM2)/base --out $(SM2)/glimpse --synthetic \
 		--world-from-base --train-rows 9600 --epochs 1 --batch-size 16 --grad-accum 1 --lr 1e-3 \

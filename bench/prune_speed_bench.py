@@ -19,6 +19,7 @@ ratio can be lower (better) than the prefill one, or higher where per-call overh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ def make_inputs(root: Path, rows: int, seed: int) -> Path:
     from workers.toyworld import load_world, write_shards
 
     out = root / "in"
-    write_shards(load_world(BASE, seed=seed), rows, out, rows_per_shard=100)
+    write_shards(dataclasses.replace(load_world(BASE, seed=seed), two_image_share=0.0), rows, out, rows_per_shard=100)  # one image per row
     return out
 
 

@@ -15,6 +15,7 @@ analytic figure is `workers.training.flops.prefill_report` at the measured mean 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -64,7 +65,8 @@ def _measure(args) -> int:
 
     names = [str(m) for m in args.modules]
     engines = {name: load_engine(str(args.base), name, device="cpu") for name in names}
-    samples = list(generate_samples(load_world(args.base, seed=args.seed), args.rows))
+    # One image per row, as the analytic prediction below assumes (the world may also have two-image rows).
+    samples = list(generate_samples(dataclasses.replace(load_world(args.base, seed=args.seed), two_image_share=0.0), args.rows))
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     batches = {name: [e.build_inputs([GenerationRequest(images=(s.image,), prompt=s.question) for s in samples[i:i + args.batch_size]])
                       for i in range(0, len(samples), args.batch_size)] for name, e in engines.items()}

@@ -21,7 +21,7 @@ from workers.toyworld import generate_samples, load_world, write_shards
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BASE, GLIMPSE = REPO / "models" / "small-qwen2_5_vl-v2", REPO / "models" / "small-qwen2_5_vl-v2-glimpse"
-EASY = dataclasses.replace(load_world(BASE, seed=4242), min_objects=1, max_objects=3,
+EASY = dataclasses.replace(load_world(BASE, seed=4242), min_objects=1, max_objects=3, two_image_share=0.0,
                            question_mix=(("attribute", 0.6), ("existence", 0.4)))
 
 

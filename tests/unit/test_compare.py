@@ -109,8 +109,9 @@ def test_the_command_on_the_shipped_model_synthetic_set(tmp_path):
 
 def test_the_command_on_a_parquet_set_with_boxes(tmp_path):
     """The demo's shards (id, image, question, answer, qtype, boxes) as an eval set: boxes give the oracle rows."""
-    world = load_world(V2, seed=31337)
-    pq.write_table(samples_to_table(generate_samples(world, 3)), tmp_path / "part-0.parquet")
+    world = load_world(V2, seed=31338)  # the shipped world: row 2 of this seed holds two images (list column + target_image)
+    assert [len(s.images) for s in generate_samples(world, 3)] == [0, 0, 2]
+    pq.write_table(samples_to_table(generate_samples(world, 3), multi=True), tmp_path / "part-0.parquet")
     out = tmp_path / "cmp"
     assert compare.main(["--base", V2, "--modules", V2_MODULES, "--eval-set", str(tmp_path), "--columns", "task=qtype",
                          "--metric", "captioning=object_f1,quadrant=object_f1", "--ratios", "0.2", "--strategies", "uniform",
