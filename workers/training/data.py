@@ -185,11 +185,11 @@ class BatchEncoder:
             messages = [{"role": "user", "content": content}]
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids.count(self.image_token_id) != len(counts):
+                raise ValueError(f"the chat template placed {ids.count(self.image_token_id)} image pads for {len(counts)} images")
             out, pads = [], iter(counts)
             for token in ids:
                 out.extend([token] * next(pads) if token == self.image_token_id else [token])
-            if next(pads, None) is not None:
-                raise ValueError(f"the chat template placed fewer image pads than {len(counts)} images")
             self._prompts[key] = out
         return self._prompts[key]
 
