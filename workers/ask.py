@@ -70,12 +70,13 @@ def main(argv=None) -> int:
 
     request = GenerationRequest(images=tuple(images), prompt=args.question)
     result = engine.generate([request], SamplingParams(max_new_tokens=args.max_new_tokens), return_masks=True)[0]
-    keep = torch.as_tensor(result.keep_mask if result.keep_mask is not None else [True] * result.visual_tokens)
-    merge = engine.core.visual.spatial_merge_size
-    grids = [tuple((g[1:] // merge).tolist()) for g in engine.build_inputs([request]).image_grid_thw]
-    parts = torch.split(keep, [h * w for h, w in grids])  # the row's visual tokens, image by image
     print(f"answer: {result.text}")
     print(f"keep ratio: {result.keep_ratio:.3f} ({result.kept_tokens}/{result.visual_tokens} visual tokens kept)")
+    if len(images) > 1 or args.overlay:  # the per-image split needs each image's grid: processed once more
+        keep = torch.as_tensor(result.keep_mask if result.keep_mask is not None else [True] * result.visual_tokens)
+        merge = engine.core.visual.spatial_merge_size
+        grids = [tuple((g[1:] // merge).tolist()) for g in engine.build_inputs([request]).image_grid_thw]
+        parts = torch.split(keep, [h * w for h, w in grids])  # the row's visual tokens, image by image
     if len(images) > 1:
         print("per image: " + ", ".join(f"{k + 1}: {int(p.sum())}/{p.numel()}" for k, p in enumerate(parts)))
     print(f"time: prefill {result.prefill_s * 1000:.1f} ms, decode {result.decode_s * 1000:.1f} ms ({result.output_tokens} tokens)")

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from workers.modeling.api import GenerationRequest, KeepMasks, SamplingParams
@@ -106,18 +105,12 @@ def build_settings(model, processor, modules, cfg: CompareConfig) -> dict:
 
 
 def _box_masks(items: Sequence[EvalItem], grids, merge: int) -> list:
-    from workers.toyworld.world import box_token_mask
+    from workers.toyworld import boxes_on_grids
+    from workers.training.data import split_grids
 
-    flat = grids.tolist()
-    if len(flat) != sum(len(item.images) for item in items):
-        raise ValueError(f"{len(items)} rows hold {sum(len(item.images) for item in items)} images, {len(flat)} grids given")
-    out, at = [], 0
-    for item in items:
-        parts = [box_token_mask(item.boxes if k == item.box_image else [], gh // merge, gw // merge).reshape(-1)
-                 for k, (_, gh, gw) in enumerate(flat[at:at + len(item.images)])]
-        at += len(item.images)
-        out.append(torch.from_numpy(np.concatenate(parts)))
-    return out
+    rows = split_grids(grids, [len(item.images) for item in items], merge)
+    return [torch.from_numpy(boxes_on_grids([item.boxes if k == item.box_image else [] for k in range(len(row))], row))
+            for item, row in zip(items, rows)]
 
 
 def _masks(items: Sequence[EvalItem], inputs, merge: int, visual: list, first: int, seed: int) -> dict:

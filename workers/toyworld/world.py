@@ -220,14 +220,15 @@ def row_box_masks(sample: Sample, grids: Sequence[tuple[int, int]], every_object
     images = row_images(sample)
     if len(grids) != len(images):
         raise ValueError(f"row {sample.id} has {len(images)} images but {len(grids)} grids were given")
-    parts = []
-    for i, ((gh, gw), objects) in enumerate(zip(grids, row_scenes(sample))):
-        if every_object:
-            boxes = [o["box"] for o in objects]
-        else:
-            boxes = sample.boxes if i == (sample.target if sample.images else 0) else []
-        parts.append(box_token_mask(boxes, gh, gw).reshape(-1))
-    return np.concatenate(parts)
+    if every_object:
+        return boxes_on_grids([[o["box"] for o in objects] for objects in row_scenes(sample)], grids)
+    return boxes_on_grids([sample.boxes if i == sample.target else [] for i in range(len(images))], grids)
+
+
+def boxes_on_grids(boxes_per_image: Sequence[Sequence[Sequence[float]]], grids: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``box_token_mask`` of each image's boxes on its grid ``(grid_h, grid_w)``, flattened and
+    concatenated in image order (the order of a row's visual tokens).  # [sum grid_h * grid_w] bool"""
+    return np.concatenate([box_token_mask(boxes, gh, gw).reshape(-1) for boxes, (gh, gw) in zip(boxes_per_image, grids)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,17 +83,18 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
-def _row_grids(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[list[tuple[int, int]]]:
-    """Split `grids` (one (t, h, w) per image, the rows' images in order) into each row's merged grids."""
+def split_grids(grids: torch.Tensor, counts: Sequence[int], merge: int) -> list[list[tuple[int, int]]]:
+    """Split `grids` (one (t, h, w) patch grid per image, the rows' images in order, as
+    `image_grid_thw`) into each row's merged-token grids; row b has counts[b] images."""
     flat = [(gh // merge, gw // merge) for _, gh, gw in grids.tolist()]
-    out, at = [], 0
-    for s in samples:
-        n = len(row_images(s))
-        out.append(flat[at:at + n])
-        at += n
-    if at != len(flat):
-        raise ValueError(f"{len(samples)} rows hold {at} images but {len(flat)} image grids were given")
-    return out
+    if sum(counts) != len(flat):
+        raise ValueError(f"{len(counts)} rows hold {sum(counts)} images, {len(flat)} grids given")
+    starts = np.cumsum([0, *counts]).tolist()
+    return [flat[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def _row_grids(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[list[tuple[int, int]]]:
+    return split_grids(grids, [len(row_images(s)) for s in samples], merge)
 
 
 def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
@@ -236,16 +237,15 @@ class BatchEncoder:
         return input_ids, attention_mask, labels
 
     def encode(self, samples: Sequence[Sample]) -> TrainBatch:
-        slot: dict[int, int] = {}  # id(image) -> index among the distinct images
-        scenes: dict[int, tuple] = {}  # id(image) -> (image, its objects), in slot order
+        scenes: dict[int, tuple] = {}  # id(image) -> (slot, image, its objects); slot = index among the distinct images
         row_slots = []
         for s in samples:
-            for image, objects in zip(row_images(s), row_scenes(s)):
-                scenes.setdefault(id(image), (image, objects))
-            row_slots.append([slot.setdefault(id(image), len(slot)) for image in row_images(s)])
-        pixel_values, grid = image_patches([image for image, _ in scenes.values()], self.processor.image_processor)
+            row_slots.append([scenes.setdefault(id(image), (len(scenes), image, objects))[0]
+                              for image, objects in zip(row_images(s), row_scenes(s))])
+        distinct = [(image, objects) for _, image, objects in scenes.values()]  # slot order
+        pixel_values, grid = image_patches([image for image, _ in distinct], self.processor.image_processor)
         input_ids, attention_mask, labels = self.answer_rows(samples, grid, row_slots)
-        shapes, colours = self._cells(list(scenes.values()), grid)
+        shapes, colours = self._cells(distinct, grid)
         pads = (attention_mask == 0).sum(dim=1).tolist()
         words = self._word_targets(samples, grid, row_slots, pads)
         flat = [j for slots in row_slots for j in slots]
