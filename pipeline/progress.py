@@ -46,6 +46,22 @@ class Progress:
             return None
         return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
 
+    def rate_by_quarter(self) -> list:
+        """Rows/s over each quarter of the rows (by rows durable): a throughput that holds steady through
+        a long run gives four similar figures; one that sags shows it. None where a quarter has no span."""
+        if not self.total:
+            return []
+        rates, start = [], (0.0, 0)
+        for q in range(1, 5):
+            inside = [(t, n) for t, n in self.timeline if n <= q * self.total / 4]
+            if not inside:
+                rates.append(None)
+                continue
+            end = inside[-1]
+            rates.append((end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else None)
+            start = end
+        return rates
+
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed

@@ -610,6 +610,7 @@ def _summary(job, plan, commits, tally, progress, wall_s, interrupted) -> dict[s
             "rows_per_s": tally.rows / computed, "tokens_per_s": tally.output_tokens / computed,
             "first_durable_s": progress.first_durable_s,
             "steady_rows_per_s": progress.steady_rate(),
+            "rows_per_s_by_quarter": progress.rate_by_quarter(),
             "batching": tally.batching(),
         },
     }
