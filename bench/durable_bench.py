@@ -186,9 +186,10 @@ def run_pipeline(inputs: Path, output: Path, models, args, memory: bool = True) 
     return {
         "rows": run["rows_computed"], "wall_s": wall, "first_durable_s": sampler.first_part_s,
         "first_durable_share": (sampler.first_part_s / wall) if sampler.first_part_s else None,
-        "first_durable_s_driver": run["first_durable_s"], "steady_rows_per_s": run["steady_rows_per_s"], "rows_per_s_by_quarter": run.get("rows_per_s_by_quarter"),
-        "rows_per_s": run["rows_computed"] / wall, "peak_object_store_bytes": sampler.peak_store if memory else None,
-        "peak_driver_rss_bytes": sampler.peak_rss if memory else None, "memory_sampled": memory, "rows_error": summary["rows_error"],
+        "first_durable_s_driver": run["first_durable_s"], "steady_rows_per_s": run["steady_rows_per_s"],
+        "rows_per_s_by_quarter": run.get("rows_per_s_by_quarter"), "rows_per_s": run["rows_computed"] / wall,
+        "memory_sampled": memory, "peak_object_store_bytes": sampler.peak_store if memory else None,
+        "peak_driver_rss_bytes": sampler.peak_rss if memory else None, "rows_error": summary["rows_error"],
         "cpu_s_by_process_kind": sampler.cpu_by_kind(),
         "model_actor_busy_10_90": sampler.actor_busy(0.1 * wall, 0.9 * wall),
         "model_actor_cpu_s_per_row": sampler.cpu_by_kind().get("model_actor", 0.0) / max(run["rows_computed"], 1),
