@@ -18,7 +18,7 @@ from workers.modeling.glimpse import GlimpseModules
 from workers.modeling.keep_rule import KeepRule
 from workers.modeling.qwen2_5_vl import QwenGlimpseModel
 from workers.modeling.tiny import TinySpec, build_tiny_model
-from workers.training.data import IGNORE_INDEX, BatchEncoder
+from workers.training.data import _WORDS, IGNORE_INDEX, BatchEncoder
 from workers.training.glimpse_trainer import (
     GlimpseTrainer, LossConfig, SyntheticSource, TrainConfig, VisualCoTSource, build_batch, glimpse_loss,
     insert_glimpse, new_glimpse_config, run_training, training_forward,
@@ -225,3 +225,32 @@ def test_new_config_defaults_follow_the_released_layout():
     assert cfg.selected_visual_layers == (31, 23, 15, 7)
     assert cfg.le_layers == tuple(range(28)) and cfg.le_dropout_prob == 0.1
     assert (cfg.attn_fuse_size, cfg.visual_cond_size, cfg.attn_fuse_num_heads) == (256, 512, 4)
+
+
+def test_route_term_reads_the_glimpse_layer0_attention_on_the_question_words(model, encoder):
+    """The route share equals the stock eager attention of the glimpse row at layer 0 (heads 0..1) on
+    the question's shape/colour words, and the word mask marks exactly those tokens."""
+    modules = random_modules(model, seed=5).eval()
+    core = QwenGlimpseModel(model, modules)
+    rows = samples()
+    batch = build_batch(encoder, rows)
+    words = batch.word_mask
+    assert words.any(dim=1).all()
+    for b, s in enumerate(rows):
+        decoded = [encoder.tokenizer.decode([t]).strip().lower() for t in batch.inputs.input_ids[b][words[b]].tolist()]
+        assert decoded and all(w in _WORDS and w in s.question.lower() for w in decoded), (decoded, s.question)
+    with torch.no_grad():
+        out = training_forward(core, batch, with_lm_loss=False, with_route=True)
+        _, parts = glimpse_loss(out, batch.box_masks, LossConfig(route_weight=1.0), word_mask=words)
+        seq = out.sequence
+        model.set_attn_implementation("eager")
+        try:
+            stock = model.model.language_model(inputs_embeds=seq.hidden, position_ids=seq.positions, attention_mask=seq.pad,
+                                               output_attentions=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+        probs = stock.attentions[0][torch.arange(len(rows)), :2, seq.index]  # [B, 2, L']
+        on_words = torch.nn.functional.pad(words, (0, 1))
+        want = (probs * on_words[:, None]).sum(-1).mean()
+    assert parts["route_share"] == pytest.approx(float(want), abs=1e-5)
+    assert parts["route"] > 0

@@ -210,8 +210,9 @@ def test_question_mix_argument_rejects_unknown_types():
         train_base._parse_args(["--out", "x", "--question-mix", "colour=1.0"])
 
 
-def test_lookup_loss_reads_the_models_own_attention():
-    """The supervised share equals the share the stock eager attention gives the boxes at the answer slot."""
+def test_lookup_and_route_losses_read_the_models_own_attention():
+    """The supervised shares equal the shares the stock eager attention gives, at the answer slot, the
+    boxes (among the visual tokens: lookup) and the question's shape/colour words (among all: route)."""
     cfg = _tiny_cfg(questions_per_image=1, batch_size=4)
     processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
     batch = BatchEncoder(processor).encode(train_base.training_samples(cfg, step=5, max_objects=4))
@@ -247,6 +248,16 @@ def test_lookup_loss_reads_the_models_own_attention():
                          image_grid_thw=batch.image_grid_thw, mm_token_type_ids=types, output_hidden_states=True)
             loss, share = train_base.lookup_losses(model, full.hidden_states[layer], positions, batch, layer, 2)
             assert share == pytest.approx(float(want), abs=1e-5)
+            assert float(loss) > 0
+            # The route loss: the same query's share (over every key) on the question's shape/colour words.
+            shift = (width - keep.sum(1)) - (batch.input_ids.shape[1] - batch.attention_mask.sum(1))  # [B]
+            words = torch.zeros_like(mask, dtype=torch.bool)
+            words[batch.word_pos[:, 0], batch.word_pos[:, 1] + shift[batch.word_pos[:, 0]]] = True
+            assert bool(words.any()) and bool((ids[words] != image_id).all())
+            has = words.any(1)
+            want_route = (probs * words[:, None]).sum(-1)[has].mean()
+            loss, share = train_base.route_losses(model, full.hidden_states[layer], positions, batch, layer, 2)
+            assert share == pytest.approx(float(want_route), abs=1e-5)
             assert float(loss) > 0
 
 

@@ -88,10 +88,17 @@ class LossConfig:
     # the asked object's: -log(softmax mass on the relevant tokens). Rows with no relevant token, or no
     # other object, are skipped. Teaches "which object", which the box Dice mostly leaves to objectness.
     which_weight: float = 0.0
+    # The glimpse's first hop: -log(its layer-0 attention share, heads 0..route_heads-1, on the question's
+    # shape and colour words), the softmax over every key it attends to. A base trained with the
+    # matching route + lookup losses (`train_base.route_losses`) looks the asked object up at layer 1
+    # from the slot where the glimpse sits, once that slot has read the words at layer 0; the glimpse
+    # must read them too. Rows without such a word are skipped.
+    route_weight: float = 0.0
+    route_heads: int = 2
 
     def __post_init__(self) -> None:
         if min(self.loc_weight, self.le_weight, self.dice_weight, self.bce_weight, self.distill_weight,
-               self.attn_weight, self.which_weight) < 0 or self.dice_eps <= 0:
+               self.attn_weight, self.which_weight, self.route_weight) < 0 or self.dice_eps <= 0:
             raise ValueError(f"loss weights must be >= 0 and dice_eps > 0, got {self}")
 
 
@@ -214,10 +221,12 @@ class GlimpseBatch:
     box_masks: list  # per sample: bool [N_v(b)], raster order of the merged-token grid
     qtypes: tuple = ()
     object_masks: tuple = ()  # per sample: bool [N_v(b)], every object of the scene (synthetic rows only)
+    word_mask: Optional[torch.Tensor] = None  # bool [B, L]: the questions' shape and colour words (synthetic rows)
 
     def to(self, device) -> "GlimpseBatch":
         return GlimpseBatch(self.inputs.to(device), self.labels.to(device), [m.to(device) for m in self.box_masks], self.qtypes,
-                            tuple(m.to(device) for m in self.object_masks))
+                            tuple(m.to(device) for m in self.object_masks),
+                            None if self.word_mask is None else self.word_mask.to(device))
 
 
 def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatch:
@@ -229,7 +238,12 @@ def build_batch(encoder: BatchEncoder, samples: Sequence[Sample]) -> GlimpseBatc
     ids, pad, labels = encoder.answer_rows(samples, grid, [range(a, a + n) for a, n in zip(starts, counts)])
     masks = box_masks(samples, grid, encoder.merge)
     objects = tuple(object_masks(samples, grid, encoder.merge)) if all(s.objects for s in samples) else ()
-    return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples), objects)
+    words = torch.zeros_like(pad, dtype=torch.bool)
+    for b, s in enumerate(samples):  # left padded: a prompt index i sits at (width - row length) + i
+        offset = pad.shape[1] - int(pad[b].sum())
+        for index, _, _ in encoder.question_words(s.question, encoder.image_tokens(grid, range(starts[b], starts[b] + counts[b]))):
+            words[b, offset + index] = True
+    return GlimpseBatch(ModelInputs(ids, pad, pixel_values, grid), labels, masks, tuple(s.qtype for s in samples), objects, words)
 
 
 # ---- the training forward --------------------------------------------------------------------
@@ -280,6 +294,8 @@ class GlimpseForward:
     lm_loss: Optional[torch.Tensor]  # scalar, None when the LM loss is off
     answer_logits: Optional[torch.Tensor] = None  # [T, V] fp32 at the answer targets, with the LM loss
     attention_maps: Optional[list] = None  # per sample: mean over heads and selected layers of the raw logits [N_v(b)]
+    route_logits: Optional[torch.Tensor] = None  # [B, H, L'] the glimpse's layer-0 logits, -inf outside its causal real keys
+    sequence: Optional["GlimpseSequence"] = None
 
 
 def embed_batch(core: QwenGlimpseModel, batch: GlimpseBatch) -> tuple:
@@ -300,9 +316,10 @@ def plain_answer_logits(core: QwenGlimpseModel, batch: GlimpseBatch, embedded: t
 
 
 def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: bool = True,
-                     embedded: Optional[tuple] = None) -> GlimpseForward:
+                     embedded: Optional[tuple] = None, with_route: bool = False) -> GlimpseForward:
     """The one-pass training forward (module docstring). `core.modules` holds the trainable modules.
-    embedded: `embed_batch`'s result when the caller already has it."""
+    embedded: `embed_batch`'s result when the caller already has it. with_route: also the glimpse's
+    layer-0 attention logits over its keys (`LossConfig.route_weight`)."""
     modules, cfg = core.modules, core.modules.config
     inputs = batch.inputs
     embeds, feats, positions = embedded if embedded is not None else embed_batch(core, batch)
@@ -312,16 +329,25 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
     glimpse_at = seq.is_glimpse[..., None]  # [B, L', 1]
     cache = DynamicCache(config=compat.text_config(core.model))
     queries, attn_rows = {}, {}
+    route = None
 
     def on_layer(i, h, rope, before):
+        nonlocal route
         if before:
             e = modules.glimpse_vector(i) if i > 0 else None
             if e is not None:
                 h = h + glimpse_at * e.to(h.dtype)
-            if i in cfg.selected_layers:
+            if i in cfg.selected_layers or (with_route and i == 0):
                 row_rope = (rope[0][rows, seq.index][:, None], rope[1][rows, seq.index][:, None])
                 queries[i] = core.glimpse_query(i, h[rows, seq.index][:, None], row_rope)
             return h
+        if with_route and i == 0:
+            keys = compat.cache_keys(cache, 0)  # [B, kv_heads, L', hd]
+            q = queries[0] if 0 in cfg.selected_layers else queries.pop(0)  # [B, H, hd]
+            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+            logits = (q.unsqueeze(2) @ keys.transpose(-1, -2)).squeeze(2) / keys.shape[-1] ** 0.5  # [B, H, L']
+            upto = torch.arange(logits.shape[-1], device=logits.device)[None] <= seq.index[:, None]  # causal, itself included
+            route = logits.masked_fill(~(upto & seq.pad.bool()).unsqueeze(1), float("-inf"))
         if i in cfg.selected_layers:
             # `_glimpse_attention` drops the last key slot (the glimpse at inference); here the last
             # slot is the final answer token, never a visual one, so dropping it is harmless.
@@ -341,8 +367,8 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
         answer = targets != IGNORE_INDEX  # [B, L'-1]
         lm_logits = core.model.lm_head(core.lm.norm(hidden[:, :-1][answer])).float()  # [T, V]
         lm_loss = F.cross_entropy(lm_logits, targets[answer])
-        return GlimpseForward(per_sample, lm_loss, lm_logits, maps)
-    return GlimpseForward(per_sample, lm_loss, attention_maps=maps)
+        return GlimpseForward(per_sample, lm_loss, lm_logits, maps, route, seq)
+    return GlimpseForward(per_sample, lm_loss, attention_maps=maps, route_logits=route, sequence=seq)
 
 
 # ---- loss and metrics ------------------------------------------------------------------------
@@ -358,9 +384,11 @@ def mask_losses(logits: Sequence[torch.Tensor], gts: Sequence[torch.Tensor], eps
 
 
 def glimpse_loss(out: GlimpseForward, gts: Sequence[torch.Tensor], cfg: LossConfig,
-                 distill: Optional[tuple] = None, objects: Sequence[torch.Tensor] = ()) -> tuple:
+                 distill: Optional[tuple] = None, objects: Sequence[torch.Tensor] = (),
+                 word_mask: Optional[torch.Tensor] = None) -> tuple:
     """Total loss and its detached parts (floats). distill = (student, teacher) answer logits [T, V] of
-    the plain sequence, adapted and frozen base, for KL(teacher || student) (token mean)."""
+    the plain sequence, adapted and frozen base, for KL(teacher || student) (token mean). word_mask
+    [B, L] (the batch's question words, before the glimpse is inserted) for the route term."""
     dice, bce = mask_losses(out.importance_logits, gts, cfg.dice_eps)
     total = cfg.loc_weight * (cfg.dice_weight * dice + cfg.bce_weight * bce)
     parts = {"dice": dice.item(), "bce": bce.item()}
@@ -388,6 +416,19 @@ def glimpse_loss(out: GlimpseForward, gts: Sequence[torch.Tensor], cfg: LossConf
             which = torch.stack(terms).mean()
             total = total + cfg.which_weight * which
             parts["which"] = which.item()
+    if cfg.route_weight > 0:
+        if out.route_logits is None or word_mask is None:
+            raise ValueError("route_weight needs training_forward(with_route=True) and the batch's word mask")
+        seq = out.sequence
+        # the words lie before the glimpse, so their slots are unchanged by its insertion
+        words = F.pad(word_mask, (0, 1)) & (torch.arange(seq.pad.shape[1], device=word_mask.device)[None] < seq.index[:, None])
+        logp = torch.log_softmax(out.route_logits[:, :cfg.route_heads].float(), dim=-1)
+        on = torch.logsumexp(logp.masked_fill(~words.unsqueeze(1), float("-inf")), dim=-1)[words.any(dim=1)]  # [B', h]
+        if on.numel():
+            route = -on.mean()
+            total = total + cfg.route_weight * route
+            parts["route"] = route.item()
+            parts["route_share"] = float(on.detach().exp().mean())
     if distill is not None:
         student, teacher = distill
         kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
@@ -458,8 +499,10 @@ class GlimpseTrainer:
             batch = self.batch(self.step_done * cfg.grad_accum + k)
             with autocast(self.device):
                 embedded = embed_batch(self.core, batch)
-                out = training_forward(self.core, batch, with_lm_loss=cfg.loss.le_weight > 0, embedded=embedded)
-                loss, parts = glimpse_loss(out, batch.box_masks, cfg.loss, self.distill_logits(batch, embedded), batch.object_masks)
+                out = training_forward(self.core, batch, with_lm_loss=cfg.loss.le_weight > 0, embedded=embedded,
+                                       with_route=cfg.loss.route_weight > 0)
+                loss, parts = glimpse_loss(out, batch.box_masks, cfg.loss, self.distill_logits(batch, embedded), batch.object_masks,
+                                           batch.word_mask)
             (loss / cfg.grad_accum).backward()
             for key, value in {**parts, **mask_counts(out.importance_logits, batch.box_masks)}.items():
                 sums[key] = sums.get(key, 0) + value
@@ -559,7 +602,7 @@ def run_training(trainer: GlimpseTrainer, out_dir: Path, base_config: dict, resu
 def log_line(window: dict, step: int, trainer: GlimpseTrainer, seconds: float) -> dict:
     """Means over the window's micro-batches (losses), updates (grad norm) and tokens (mask scores)."""
     line = {"step": step, "lr": trainer.scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
-    for key in ("loss", "dice", "bce", "lm", "kl", "attn", "which"):
+    for key in ("loss", "dice", "bce", "lm", "kl", "attn", "which", "route", "route_share"):
         if key in window:
             line[key] = window[key] / window["micro_batches"]
     line["grad_norm"] = window["grad_norm"] / window["updates"]
@@ -603,6 +646,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="Dice of the glimpse's own min-max normalised attention map against the boxes (training only)")
     opt.add_argument("--which-weight", type=float, default=0.0,
                      help="cross-entropy of the glimpse's attention onto the asked object among the scene's objects")
+    opt.add_argument("--route-weight", type=float, default=0.0,
+                     help="cross-entropy of the glimpse's layer-0 attention onto the question's shape/colour words")
+    opt.add_argument("--route-heads", type=int, default=2, help="layer-0 heads 0..N-1 the route term reads")
     opt.add_argument("--distill-weight", type=float, default=0.0,
                      help="KL(base || adapted) on the answer tokens (with --lora-layers): keeps the base's answers")
     lo = p.add_argument_group("LoRA on the LLM (GlimpsePrune+ layout: the adapter is saved next to the modules and merged on load)")
@@ -647,7 +693,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grad_accum=args.grad_accum, steps=args.steps, epochs=args.epochs, seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         loss=LossConfig(loc_weight=args.loc_weight, le_weight=args.le_weight, dice_eps=args.dice_eps,
-                        distill_weight=args.distill_weight, attn_weight=args.attn_weight, which_weight=args.which_weight),
+                        distill_weight=args.distill_weight, attn_weight=args.attn_weight, which_weight=args.which_weight,
+                        route_weight=args.route_weight, route_heads=args.route_heads),
         lora=LoraConfig(args.lora_layers, args.lora_targets, args.lora_rank, args.lora_alpha) if args.lora_layers else None,
     )
     extra = {"reduce_layer": args.reduce_layer} if args.reduce_layer is not None else {}
