@@ -2,6 +2,7 @@
 repetition_penalty and stop, and a row's own decoding settings (input.columns.sampling)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from pipeline.images import ImageStageConfig, row_sampling_value
 from pipeline.jobfile import JobFileError, load_job
 from pipeline.stages import to_block
+from workers.toyworld import generate_samples, load_world
 from schemas.rows import KEY_COLUMN, READ_ERROR_COLUMN, ROW_COLUMN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,10 +31,10 @@ def _job(*extra):
                                                    "sampling.max_new_tokens=4", *extra])
 
 
-def _block(job, n, extra=None) -> pa.Table:
+def _block(job, n, extra=None, image=None, question="What colour is it?") -> pa.Table:
     buf = io.BytesIO()
-    Image.new("RGB", (224, 224), (30, 30, 200)).save(buf, format="PNG")
-    cols = {"id": [f"r{i}" for i in range(n)], "image": [buf.getvalue()] * n, "question": ["What colour is it?"] * n,
+    (image or Image.new("RGB", (224, 224), (30, 30, 200))).save(buf, format="PNG")
+    cols = {"id": [f"r{i}" for i in range(n)], "image": [buf.getvalue()] * n, "question": [question] * n,
             KEY_COLUMN: ["k"] * n, ROW_COLUMN: pa.array(range(n), pa.int64()), READ_ERROR_COLUMN: pa.nulls(n, pa.string())}
     cols.update(extra or {})
     return to_block(pa.table(cols), ImageStageConfig.from_job(job))
@@ -75,7 +77,9 @@ def test_system_prompt_template_and_stop_strings(tmp_path):
         texts[name] = udf.engine.processor.tokenizer.decode(inputs.input_ids[0])
     assert "Answer with one word." in texts["system"] and "Answer with one word." not in texts["plain"]
     assert texts["bare"].endswith("<|vision_end|>Q?") and "<|im_start|>" not in texts["bare"]
-    block = _block(plain.job, 2)
+    # a caption row of the model's own world: a multi-word answer whatever the weights, so a stop string can cut it
+    sample = next(x for x in generate_samples(dataclasses.replace(load_world(BASE, seed=4711), two_image_share=0.0), 50) if x.qtype == "captioning")
+    block = _block(plain.job, 2, image=sample.image, question=sample.question)
     full = plain(block).to_pylist()
     assert full[0]["status"] == "ok" and len(full[0]["answer"]) >= 2, full[0]
     stop = full[0]["answer"][1:]
