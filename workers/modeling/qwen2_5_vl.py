@@ -576,14 +576,18 @@ class QwenGlimpseModel:
             [r.keep_mask for r in rows], [r.importance_logits for r in rows],
         )
 
-    def _glimpse_attention(self, layer_idx, query, cache, is_image) -> torch.Tensor:
-        """Raw logits of the glimpse query over each sample's visual keys: [N_total, heads]."""
+    @staticmethod
+    def glimpse_logits(layer_idx, query, cache) -> torch.Tensor:
+        """Raw logits of the glimpse query [B, H, hd] over every cached key of one layer: [B, H, L+1]."""
         keys = compat.cache_keys(cache, layer_idx)  # [B, kv_heads, L+1, hd] (post-RoPE)
         groups = query.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1)  # [B, H, L+1, hd]
         head_dim = keys.shape[-1]
-        logits = torch.matmul(query.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) / head_dim**0.5  # [B, H, L+1]
-        logits = logits[:, :, :-1].transpose(1, 2)  # [B, L, H]
+        return torch.matmul(query.unsqueeze(2), keys.transpose(-1, -2)).squeeze(2) / head_dim**0.5  # [B, H, L+1]
+
+    def _glimpse_attention(self, layer_idx, query, cache, is_image) -> torch.Tensor:
+        """Raw logits of the glimpse query over each sample's visual keys: [N_total, heads]."""
+        logits = self.glimpse_logits(layer_idx, query, cache)[:, :, :-1].transpose(1, 2)  # [B, L, H]
         return logits[is_image]  # [N_total, H], samples in batch order
 
     # ---- decode -------------------------------------------------------------------------------

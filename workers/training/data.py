@@ -286,3 +286,15 @@ class BatchEncoder:
             shapes.append(shape.reshape(-1))
             colours.append(colour.reshape(-1))
         return torch.from_numpy(np.concatenate(shapes)), torch.from_numpy(np.concatenate(colours))
+
+
+def attention_share_loss(logits: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """-log(softmax mass on `target`), the softmax over `allowed` keys; logits [B, h, L], masks [B, L].
+    Rows without a target are skipped. Returns the mean loss and the mean share (a diagnostic)."""
+    logp = torch.log_softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
+    on = torch.logsumexp(logp.masked_fill(~target.unsqueeze(1), float("-inf")), dim=-1)  # [B, h]
+    valid = target.any(dim=1)
+    if not bool(valid.any()):
+        return logits.new_zeros(()), float("nan")
+    on = on[valid]
+    return -on.mean(), float(on.detach().exp().mean())

@@ -60,7 +60,7 @@ from workers.modeling.glimpse import GlimpseConfig, GlimpseModules
 from workers.modeling.loading import read_adapter
 from workers.modeling.qwen2_5_vl import ModelInputs, QwenGlimpseModel
 from workers.training import lora as lora_lib
-from workers.training.data import IGNORE_INDEX, BatchEncoder, box_masks, image_patches, object_masks
+from workers.training.data import IGNORE_INDEX, BatchEncoder, attention_share_loss, box_masks, image_patches, object_masks
 from workers.training.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,8 @@ class GlimpseForward:
     lm_loss: Optional[torch.Tensor]  # scalar, None when the LM loss is off
     answer_logits: Optional[torch.Tensor] = None  # [T, V] fp32 at the answer targets, with the LM loss
     attention_maps: Optional[list] = None  # per sample: mean over heads and selected layers of the raw logits [N_v(b)]
-    route_logits: Optional[torch.Tensor] = None  # [B, H, L'] the glimpse's layer-0 logits, -inf outside its causal real keys
+    route_logits: Optional[torch.Tensor] = None  # [B, H, L'] the glimpse's layer-0 logits over every slot
+    route_keys: Optional[torch.Tensor] = None  # bool [B, L'] the slots it attends to: real ones up to itself
     sequence: Optional["GlimpseSequence"] = None
 
 
@@ -342,12 +343,7 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
                 queries[i] = core.glimpse_query(i, h[rows, seq.index][:, None], row_rope)
             return h
         if with_route and i == 0:
-            keys = compat.cache_keys(cache, 0)  # [B, kv_heads, L', hd]
-            q = queries[0] if 0 in cfg.selected_layers else queries.pop(0)  # [B, H, hd]
-            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
-            logits = (q.unsqueeze(2) @ keys.transpose(-1, -2)).squeeze(2) / keys.shape[-1] ** 0.5  # [B, H, L']
-            upto = torch.arange(logits.shape[-1], device=logits.device)[None] <= seq.index[:, None]  # causal, itself included
-            route = logits.masked_fill(~(upto & seq.pad.bool()).unsqueeze(1), float("-inf"))
+            route = core.glimpse_logits(0, queries[0] if 0 in cfg.selected_layers else queries.pop(0), cache)
         if i in cfg.selected_layers:
             # `_glimpse_attention` drops the last key slot (the glimpse at inference); here the last
             # slot is the final answer token, never a visual one, so dropping it is harmless.
@@ -355,6 +351,9 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
 
     last = len(core.lm.layers) - 1 if with_lm_loss else max(cfg.selected_layers)
     hidden = core.run_layers(range(last + 1), seq.hidden, seq.pad, seq.positions, cache, on_layer)
+    route_keys = None
+    if with_route:  # causal, the glimpse itself included, padding excluded
+        route_keys = seq.pad.bool() & (torch.arange(seq.pad.shape[1], device=seq.pad.device)[None] <= seq.index[:, None])
     attn_in = torch.cat([attn_rows[i] for i in cfg.selected_layers], dim=-1)  # [N, n_sel * H]
     grids = [tuple(g) for g in (inputs.image_grid_thw[:, 1:] // core.visual.spatial_merge_size).tolist()]
     logits = modules.attn_fuser(attn_in, feats, grids)  # [N] fp32
@@ -367,8 +366,8 @@ def training_forward(core: QwenGlimpseModel, batch: GlimpseBatch, with_lm_loss: 
         answer = targets != IGNORE_INDEX  # [B, L'-1]
         lm_logits = core.model.lm_head(core.lm.norm(hidden[:, :-1][answer])).float()  # [T, V]
         lm_loss = F.cross_entropy(lm_logits, targets[answer])
-        return GlimpseForward(per_sample, lm_loss, lm_logits, maps, route, seq)
-    return GlimpseForward(per_sample, lm_loss, attention_maps=maps, route_logits=route, sequence=seq)
+        return GlimpseForward(per_sample, lm_loss, lm_logits, maps, route, route_keys, seq)
+    return GlimpseForward(per_sample, lm_loss, attention_maps=maps, route_logits=route, route_keys=route_keys, sequence=seq)
 
 
 # ---- loss and metrics ------------------------------------------------------------------------
@@ -419,16 +418,13 @@ def glimpse_loss(out: GlimpseForward, gts: Sequence[torch.Tensor], cfg: LossConf
     if cfg.route_weight > 0:
         if out.route_logits is None or word_mask is None:
             raise ValueError("route_weight needs training_forward(with_route=True) and the batch's word mask")
-        seq = out.sequence
         # the words lie before the glimpse, so their slots are unchanged by its insertion
-        words = F.pad(word_mask, (0, 1)) & (torch.arange(seq.pad.shape[1], device=word_mask.device)[None] < seq.index[:, None])
-        logp = torch.log_softmax(out.route_logits[:, :cfg.route_heads].float(), dim=-1)
-        on = torch.logsumexp(logp.masked_fill(~words.unsqueeze(1), float("-inf")), dim=-1)[words.any(dim=1)]  # [B', h]
-        if on.numel():
-            route = -on.mean()
+        words = F.pad(word_mask, (0, 1))
+        route, share = attention_share_loss(out.route_logits[:, :cfg.route_heads].float(), out.route_keys, words)
+        if not math.isnan(share):
             total = total + cfg.route_weight * route
             parts["route"] = route.item()
-            parts["route_share"] = float(on.detach().exp().mean())
+            parts["route_share"] = share
     if distill is not None:
         student, teacher = distill
         kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")

@@ -68,7 +68,7 @@ from workers.toyworld import (COLOURS, QTYPES, SHAPES, Sample, WorldConfig, gene
                               v2_world)
 from workers.modeling.tiny import TinySpec, build_processor, build_tiny_model
 
-from .data import IGNORE_INDEX, MAX_COUNT, SHAPE_WORD, BatchEncoder, TrainBatch, scene_questions
+from .data import IGNORE_INDEX, MAX_COUNT, SHAPE_WORD, BatchEncoder, TrainBatch, attention_share_loss, scene_questions
 
 log = logging.getLogger(__name__)
 
@@ -471,18 +471,6 @@ def slot_logits(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch: 
     return (q.unsqueeze(2) @ k.transpose(-1, -2)).squeeze(2) / attn.head_dim**0.5  # [B, h, L]
 
 
-def _share_loss(logits: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """-log(softmax mass on `target`), the softmax over `allowed` keys; logits [B, h, L], masks [B, L].
-    Rows without a target are skipped. Returns the mean loss and the mean share (a diagnostic)."""
-    logp = torch.log_softmax(logits.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1)
-    on = torch.logsumexp(logp.masked_fill(~target.unsqueeze(1), float("-inf")), dim=-1)  # [B, h]
-    valid = target.any(dim=1)
-    if not bool(valid.any()):
-        return logits.new_zeros(()), float("nan")
-    on = on[valid]
-    return -on.mean(), float(on.detach().exp().mean())
-
-
 def lookup_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch: TrainBatch, layer_idx: int,
                   n_heads: int) -> tuple[torch.Tensor, float]:
     """Attention supervision at the answer slot: -log(attention share on the relevant boxes).
@@ -503,7 +491,7 @@ def lookup_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch
     """
     logits = slot_logits(model, hidden_in, positions, batch, layer_idx, n_heads)
     is_image = batch.input_ids == model.config.image_token_id  # [B, L]
-    return _share_loss(logits, is_image, box_positions(batch, is_image))
+    return attention_share_loss(logits, is_image, box_positions(batch, is_image))
 
 
 def route_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch: TrainBatch, layer_idx: int,
@@ -524,7 +512,7 @@ def route_losses(model, hidden_in: torch.Tensor, positions: torch.Tensor, batch:
     before = torch.arange(real.shape[1], device=real.device)[None] <= slot[:, None]
     words = torch.zeros_like(real)
     words[batch.word_pos[:, 0], batch.word_pos[:, 1]] = True
-    return _share_loss(logits, real & before, words & before)
+    return attention_share_loss(logits, real & before, words & before)
 
 
 def shield_losses(model, layer_inputs: Sequence[torch.Tensor], positions: torch.Tensor, batch: TrainBatch,
