@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from workers.toyworld import WorldConfig, generate_samples, row_images
+from workers.toyworld import WorldConfig, generate_samples, row_images, row_scenes
 from workers.modeling.api import GenerationRequest, SamplingParams
 from workers.modeling.engine import GlimpseEngine
 from workers.modeling.tiny import build_processor, build_tiny_model, load_processor
@@ -362,3 +362,50 @@ def test_shield_share_reads_the_models_own_attention():
         per_layer.append(vis.transpose(1, 2)[queries].mean())
     assert share == pytest.approx(float(torch.stack(per_layer).mean()), abs=1e-5)
     assert 0.05 < share < 0.95 and float(loss) > 0
+
+
+def test_pruned_rows_keep_whole_distractor_objects():
+    """`--prune-distractors`: a pruned row keeps its asked boxes and, per other object, either all of
+    that object's own box tokens or none; which objects survive varies from row to row. The objects on a
+    two-image row's unasked image count as distractors, and at 0 the rule is the plain one (box tokens
+    + random extras, same draws)."""
+    cfg = _tiny_cfg(two_image_share=0.5, batch_size=8)
+    processor = build_processor(max_pixels=cfg.image_size**2, spec=cfg.spec)
+    samples = [s for k in range(6) for s in train_base.training_samples(cfg, step=k, max_objects=4)]
+    batch = BatchEncoder(processor).encode(samples)
+    is_image = batch.input_ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    box = train_base.box_positions(batch, is_image)
+    ids = train_base.token_values(batch.distractor_cells, is_image)
+    two_image = 0
+    for row, s in enumerate(samples):
+        objects = sum(len(o) for o in row_scenes(s))
+        asked = [k for k, o in enumerate(row_scenes(s)[s.target], start=1 + sum(len(o) for o in row_scenes(s)[:s.target]))
+                 if o["box"] in s.boxes]
+        seen = set(ids[row].unique().tolist()) - {0}
+        assert seen <= set(range(1, objects + 1)) - set(asked)
+        if s.images:  # every object of the unasked image is a distractor
+            two_image += 1
+            tokens = is_image[row].nonzero()[:, 0]
+            other = tokens[(1 - s.target) * 16:(2 - s.target) * 16]
+            assert ids[row, other].any()
+    assert two_image and len(samples) - two_image
+    rows = torch.ones(len(samples), dtype=torch.bool)
+    plain = train_base.pruned_masks(batch, is_image, rows, 0.0, torch.Generator().manual_seed(0))
+    with_box = box.any(dim=1)
+    assert torch.equal((is_image & ~plain)[with_box], box[with_box])  # exactly the asked boxes
+    kept_objects = []
+    for seed in range(4):
+        drop = train_base.pruned_masks(batch, is_image, rows, 0.0, torch.Generator().manual_seed(seed), 1.0)
+        keep = is_image & ~drop
+        assert not (box & drop).any()  # the asked boxes always survive
+        for row in range(len(samples)):
+            for k in set(ids[row].unique().tolist()) - {0}:
+                mine = (ids[row] == k) & ~box[row]  # an object's own tokens: all kept or all dropped
+                if mine.any():
+                    assert keep[row][mine].all() or not keep[row][mine].any()
+                    kept_objects.append(bool(keep[row][mine].all()))
+            if with_box[row]:  # nothing else survives (extra_max 0)
+                assert not (keep[row] & (ids[row] == 0) & ~box[row]).any()
+    assert 0.1 < sum(kept_objects) / len(kept_objects) < 0.9
+    same = train_base.pruned_masks(batch, is_image, rows, 0.25, torch.Generator().manual_seed(3), 0.0)
+    assert torch.equal(same, train_base.pruned_masks(batch, is_image, rows, 0.25, torch.Generator().manual_seed(3)))

@@ -40,6 +40,7 @@ from workers.toyworld import (
     SHAPES,
     Sample,
     WorldConfig,
+    box_token_mask,
     dense_cell_labels,
     make_sample,
     more_questions,
@@ -77,6 +78,9 @@ class TrainBatch:
     # [B, G] bool: each row's relevant boxes on its images' merged-token grids (`box_masks`: the order
     # of its image tokens); rows with fewer visual tokens are padded with False. Empty for "no object" rows.
     box_cells: torch.Tensor | None = None
+    # [B, G] long: per visual token of each row, 1 + the row-wide index of an object the question is NOT
+    # about whose box covers it (`distractor_ids`), else 0; padded with 0 like `box_cells`.
+    distractor_cells: torch.Tensor | None = None
 
     def to(self, device) -> "TrainBatch":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -103,6 +107,28 @@ def box_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> lis
     of the row's visual tokens (raster order per image, images in prompt order; the images a
     two-image row does not ask about are all False)."""
     return [torch.from_numpy(row_box_masks(s, g)) for s, g in zip(samples, _row_grids(samples, grids, merge))]
+
+
+def distractor_ids(sample: Sample, grids: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Per visual token of the row (its images' merged grids ``grids[i] = (grid_h, grid_w)``, tokens in
+    the order of ``row_box_masks``), 1 + the index of an object the question is not about whose box covers
+    it, the row's objects numbered over all its images in order (a later box over an earlier one), and 0
+    on tokens of no such object. Every object of an image the question does not ask about counts.
+    # [sum grid_h * grid_w] int64"""
+    images = row_images(sample)
+    if len(grids) != len(images):
+        raise ValueError(f"row {sample.id} has {len(images)} images but {len(grids)} grids were given")
+    relevant = {tuple(box) for box in sample.boxes}
+    parts, number = [], 0
+    for i, (objects, (gh, gw)) in enumerate(zip(row_scenes(sample), grids)):
+        ids = np.zeros((gh, gw), np.int64)
+        for obj in objects:
+            number += 1
+            if i == sample.target and tuple(obj["box"]) in relevant:
+                continue
+            ids[box_token_mask([obj["box"]], gh, gw)] = number
+        parts.append(ids.reshape(-1))
+    return np.concatenate(parts)
 
 
 def object_masks(samples: Sequence[Sample], grids: torch.Tensor, merge: int) -> list[torch.Tensor]:
@@ -255,6 +281,9 @@ class BatchEncoder:
             cell_shape=shapes, cell_colour=colours, **words,
             qtypes=tuple(s.qtype for s in samples), answers=tuple(s.answer for s in samples),
             box_cells=torch.nn.utils.rnn.pad_sequence(box_masks(samples, grid[flat], self.merge), batch_first=True),
+            distractor_cells=torch.nn.utils.rnn.pad_sequence(
+                [torch.from_numpy(distractor_ids(s, g)) for s, g in zip(samples, _row_grids(samples, grid[flat], self.merge))],
+                batch_first=True),
         )
 
     def _word_targets(self, samples, grid, row_slots, pads) -> dict[str, torch.Tensor]:

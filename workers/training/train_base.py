@@ -153,6 +153,9 @@ class TrainConfig:
     prune_rows: float = 0.0  # share of rows trained with visual tokens pruned at prune_layer (see `pruned_masks`)
     prune_layer: int = 2  # 0-based K: pruned tokens leave after layer K, as in the engine
     prune_extra_max: float = 0.25  # besides the box tokens, keep a random U(0, this) share of the others
+    # and keep each object the question is not about whole with a per-row probability U(0, this): a VIP
+    # keeps other objects too, and rows kept to exactly the asked boxes teach "count what is left"
+    prune_distractors: float = 0.0
     init_from: str = ""  # a saved model dir (e.g. the shipped one) to continue from: its weights replace the init
     world: str = "v1"  # "v1": the 224 px world of the first model; "v2": `workers.toyworld.v2_world` (336 px, region questions)
     grow_from: str = ""  # a saved model dir with fewer text layers: its layers become layers grow_offset.. (`grow_weights`)
@@ -394,28 +397,46 @@ def word_losses(heads: AuxHeads, hidden: torch.Tensor, batch: TrainBatch) -> tup
 def box_positions(batch: TrainBatch, is_image: torch.Tensor) -> torch.Tensor:
     """[B, L] bool: the positions of each row's relevant-box tokens (`batch.box_cells` placed on its
     image tokens, which are in the same raster order)."""
-    box = torch.zeros_like(is_image)
+    return token_values(batch.box_cells, is_image)
+
+
+def token_values(cells: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """[B, L]: per-row visual-token values (`cells` [B, G], each row's first N_v(b) entries, raster
+    order) placed on the row's image-token positions; zero (False) elsewhere."""
+    out = torch.zeros(is_image.shape, dtype=cells.dtype, device=is_image.device)
     counts = is_image.sum(dim=1)
-    cells = batch.box_cells.to(is_image.device)
-    box[is_image] = torch.cat([cells[i, :int(n)] for i, n in enumerate(counts)])
-    return box
+    cells = cells.to(is_image.device)
+    out[is_image] = torch.cat([cells[i, :int(n)] for i, n in enumerate(counts)])
+    return out
 
 
 def pruned_masks(batch: TrainBatch, is_image: torch.Tensor, rows: torch.Tensor, extra_max: float,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, distractors: float = 0.0) -> torch.Tensor:
     """[B, L] bool, True at the visual tokens to drop (only in `rows`, [B] bool).
 
     Kept: the row's box tokens plus a random U(0, extra_max) share of its other visual tokens, at least
     one token. GlimpsePrune+ (reference section 6.2, stage A) adapts the LLM to box-pruned inputs; the
     random extra tokens stand in for the VIP's imprecision, so the model also copes with extra context.
+    With `distractors` > 0, each object the question is not about (`batch.distractor_cells`) is also kept
+    whole with a per-row probability U(0, distractors): a real VIP keeps other objects (the v2 modules'
+    mask precision is ~0.3), and a model that only ever saw the asked boxes survive answers a count with
+    the number of objects left, whatever they are. At 0 the random draws are those of the plain rule.
     """
     box = box_positions(batch, is_image)
+    others = token_values(batch.distractor_cells, is_image) if distractors > 0 else None
     drop = torch.zeros_like(is_image)
     for b in rows.nonzero()[:, 0].tolist():
         visual = is_image[b].nonzero()[:, 0]
         keep = box[b, visual].clone()
         share = float(torch.rand((), generator=generator)) * extra_max
         keep |= torch.rand(len(visual), generator=generator) < share
+        if others is not None:
+            ids = others[b, visual]
+            count = int(ids.max())
+            if count:
+                chance = float(torch.rand((), generator=generator)) * distractors
+                chosen = torch.rand(count, generator=generator) < chance  # object k is ids == k + 1
+                keep |= (ids > 0) & chosen[(ids - 1).clamp(min=0)]
         if not bool(keep.any()):
             keep[int(torch.randint(len(visual), (), generator=generator))] = True
         drop[b, visual[~keep]] = True
@@ -662,7 +683,8 @@ def forward_batch(model, heads: AuxHeads, batch: TrainBatch, cfg: TrainConfig,
     if cfg.prune_rows > 0 and generator is not None:  # training only; evaluation never prunes
         is_image = batch.input_ids == model.config.image_token_id
         rows = torch.rand(len(batch.input_ids), generator=generator) < cfg.prune_rows
-        drop = pruned_masks(batch, is_image.cpu(), rows, cfg.prune_extra_max, generator).to(is_image.device)
+        drop = pruned_masks(batch, is_image.cpu(), rows, cfg.prune_extra_max, generator,
+                            cfg.prune_distractors).to(is_image.device)
         prune = (drop, cfg.prune_layer)
     route_at = (cfg.route_layer, cfg.attn_heads) if cfg.route_loss_weight > 0 else None
     lm_loss, correct, word_loss, word_acc, lookup, shield, routed = answer_losses(
