@@ -228,3 +228,24 @@ def test_two_image_rows_put_every_mask_on_the_right_image(tiny_model, tiny_proce
     assert set(summary["by_images"]) == {"1", "2"} and summary["by_images"]["2"]["oracle"]["other_image_share"] == 0.0
     assert summary["by_images"]["2"]["unpruned_swapped"]["n"] == 2 and summary["by_images"]["1"]["unpruned_swapped"]["n"] == 0
     assert "By images per row" in render_markdown(summary)
+
+
+def test_count_bias_splits_wrong_counts_by_direction():
+    def row(qtype, answer, said):
+        r = _fake_record(qtype, {}, {})
+        r["answer"] = answer
+        for name in SETTINGS:
+            r[name]["text"] = said.get(name, answer)
+        return r
+
+    records = [row("counting", "3", {"glimpse": "5", "random": "1"}), row("counting", "2", {"glimpse": "4"}),
+               row("counting", "0", {"glimpse": "0", "random": "none"}), row("region_count", "1", {"glimpse": "2."}),
+               row("attribute", "red", {})]
+    bias = summarise(records, n_boot=50, seed=0)["count_bias"]
+    assert set(bias) == {"counting", "region_count"}  # only question types with numeric answers
+    assert bias["counting"]["glimpse"] == {"n": 3, "over": pytest.approx(2 / 3), "exact": pytest.approx(1 / 3), "under": 0.0, "other": 0.0}
+    assert bias["counting"]["random"] == {"n": 3, "over": 0.0, "exact": pytest.approx(1 / 3), "under": pytest.approx(1 / 3),
+                                          "other": pytest.approx(1 / 3)}
+    assert bias["region_count"]["glimpse"]["over"] == 1.0 and bias["region_count"]["unpruned"]["exact"] == 1.0
+    table = render_markdown(summarise(records, n_boot=50, seed=0))
+    assert "| counting | 3 | 0 / 100 / 0 | 67 / 33 / 0 |" in table

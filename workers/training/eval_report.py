@@ -146,6 +146,26 @@ def _setting_stats(name: str, rs: list, base: Optional[float]) -> dict:
     return out
 
 
+def count_bias(records: Sequence[dict]) -> dict:
+    """For question types whose gold answers are all whole numbers (counting, region_count): per setting,
+    the share of answers above, equal to and below the gold count, and of answers that are no number.
+    Pruning that keeps objects the question is not about shows up as "over"; one that drops asked
+    objects as "under"."""
+    out = {}
+    for qtype in sorted({r["qtype"] for r in records}):
+        rows = [r for r in records if r["qtype"] == qtype]
+        if not all(normalise(r["answer"]).isdigit() for r in rows):
+            continue
+        out[qtype] = {}
+        for name in SETTINGS:
+            tally = Counter()
+            for r in rows:
+                said, gold = normalise(r[name]["text"]), int(normalise(r["answer"]))
+                tally["other" if not said.isdigit() else "over" if int(said) > gold else "under" if int(said) < gold else "exact"] += 1
+            out[qtype][name] = {"n": len(rows), **{k: tally[k] / len(rows) for k in ("over", "exact", "under", "other")}}
+    return out
+
+
 def summarise(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     present = [q for q in QTYPES if any(r["qtype"] == q for r in records)]
     present += sorted({r["qtype"] for r in records} - set(present))
@@ -179,6 +199,7 @@ def summarise(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dic
                 "n": len(swapped), "accuracy": _mean(r["unpruned_swapped"]["correct"] for r in swapped),
                 "difference": paired_bootstrap([r["unpruned"]["correct"] for r in swapped],
                                                [r["unpruned_swapped"]["correct"] for r in swapped], n_boot, seed)}
+    out["count_bias"] = count_bias(records)
     out["differences"] = differences(groups, n_boot, seed)
     out["intervals"] = f"paired percentile bootstrap over rows, {n_boot} resamples, seed {seed}, 95%"
     return out
@@ -246,6 +267,14 @@ def render_markdown(summary: dict, header: str = "") -> str:
                       _fmt(s["glimpse_cap"]["by_objects"][k]["keep_ratio"], True), _fmt(summary["box_ratio"]["by_objects"][k], True)]
                      + [_fmt(s[n]["by_objects"][k]["accuracy"], True) for n in acc_names]
                      for k, e in s["unpruned"]["by_objects"].items()])
+    if summary.get("count_bias"):
+        lines += ["", "Count answers: share above / equal to / below the gold count (and no number), per setting:", ""]
+        names = [n for n in SETTINGS if n != "outside_all"]
+        lines += _table(["question type", "n"] + names,
+                        [[q, str(by["unpruned"]["n"])]
+                         + [" / ".join(f"{100 * by[n][k]:.0f}" for k in ("over", "exact", "under")) + (
+                             f" ({100 * by[n]['other']:.0f})" if by[n]["other"] else "") for n in names]
+                         for q, by in summary["count_bias"].items()])
     if "by_images" in summary:
         bi = summary["by_images"]
         names = ("unpruned", "glimpse", "glimpse_cap", "oracle", "anti_oracle", "random", "no_visual")
