@@ -241,6 +241,10 @@ def part1(engine, requests, sampling, args) -> dict:
         "predicted_rows_per_s_ratio": (rest["static"] + dec["static"]) / (rest["static"] + per_step["static"] * cont_steps),
         "ceiling_rows_per_s_ratio": (rest["static"] + dec["static"]) / (rest["static"] + per_step["static"] * ideal),
         "same_tokens": same,
+        # while rows still waited to join, rows per decode step over max_rows; the other steps are the
+        # drain at the end of the input (nothing left to join), which a longer input amortises
+        "steady_slot_occupancy": runs["continuous"][0]["stats"]["steady_concurrency"] / args.max_rows,
+        "drain_steps": cont_steps - runs["continuous"][0]["stats"]["queued_steps"],
         "continuous_stats": runs["continuous"][0]["stats"],
     }
 
@@ -392,6 +396,9 @@ def _print_part1(result: dict) -> None:
           f"rows/s predicted {p1['predicted_rows_per_s_ratio']:.2f}, ceiling at full occupancy {p1['ceiling_rows_per_s_ratio']:.2f}")
     print(f"  slot occupancy static {p1['slot_occupancy']['static']:.2f}  continuous {p1['slot_occupancy']['continuous']:.2f}; "
           f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
+    if "steady_slot_occupancy" in p1:
+        print(f"  continuous occupancy while rows waited {p1['steady_slot_occupancy']:.2f}; drain at the end "
+              f"{p1['drain_steps']} of {p1['decode_steps']['continuous']} steps")
 
 
 def _print_parts23(result: dict) -> None:

@@ -60,6 +60,12 @@ def test_greedy_rows_equal_their_batch_of_one(engine):
     assert sum(r.decode_s for r in got) == pytest.approx(stats.decode_s, rel=0.05)
     assert sum(r.extra["decode_share"] for r in got) == pytest.approx(stats.decode_steps)
     assert stats.output_tokens == sum(r.output_tokens for r in got)
+    # While rows wait to join, the batch stays fuller than over the whole run (which ends in a drain).
+    assert 0 < stats.queued_steps < stats.decode_steps
+    assert stats.achieved_concurrency <= stats.steady_concurrency <= 4
+    everyone = SchedulerStats()  # room for every row at once: nothing ever waits
+    run_all(ContinuousScheduler(engine, SchedulerConfig(kv_budget_tokens=10**9, max_rows=64), everyone), requests)
+    assert everyone.queued_steps == 0 and everyone.steady_concurrency == 0.0
 
 
 def test_rows_submitted_while_others_run_equal_their_batch_of_one(engine):

@@ -86,10 +86,19 @@ class SchedulerStats:
     admissions: int = 0
     output_tokens: int = 0
     rows_over_budget: int = 0  # rows that alone exceed the budget (run by themselves)
+    queued_steps: int = 0  # decode steps taken while rows were still waiting to join (queued or glimpsed)
+    queued_row_steps: int = 0  # rows in those steps
 
     @property
     def achieved_concurrency(self) -> float:
         return self.row_steps / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def steady_concurrency(self) -> float:
+        """Rows per decode step while rows were waiting: max_rows (or what the KV budget allows) means
+        no slot stood empty while there was work for it; the rest of `achieved_concurrency`'s gap is
+        the drain at the end of the input, when nothing is left to join."""
+        return self.queued_row_steps / self.queued_steps if self.queued_steps else 0.0
 
     @property
     def kv_budget_use(self) -> float:
@@ -110,6 +119,7 @@ class SchedulerStats:
             "decode_s": self.decode_s, "output_tokens": self.output_tokens,
             "decode_tokens_per_s": self.output_tokens / self.decode_s if self.decode_s else 0.0,
             "admissions": self.admissions, "rows_over_budget": self.rows_over_budget,
+            "queued_steps": self.queued_steps, "steady_concurrency": self.steady_concurrency,
         }
 
 
@@ -227,7 +237,7 @@ class Session:
         while self._waiting and free > 0 and len(self._ready) < free:
             self._ready.extend(self._glimpse(self._next_chunk()))
         self._run = self._admit(self._run, self._ready)
-        self._run, finished = self._step(self._run, self._eos)
+        self._run, finished = self._step(self._run, self._eos, bool(self._waiting or self._ready))
         for i, _ in finished:
             del self._requests[i]
         return finished
@@ -319,8 +329,9 @@ class Session:
             kv_acc=[0.0] * n, rows=[t.row for t in taken],
         )
 
-    def _step(self, run: Optional[_Running], eos: torch.Tensor):
-        """Select every running row's next token, emit the finished rows, decode one step for the rest."""
+    def _step(self, run: Optional[_Running], eos: torch.Tensor, queued: bool = False):
+        """Select every running row's next token, emit the finished rows, decode one step for the rest
+        (`queued`: rows are waiting to join, for `SchedulerStats.steady_concurrency`)."""
         if run is None:
             return None, []
         t0 = _now(self.engine.device)
@@ -348,6 +359,9 @@ class Session:
         stats.decode_s += seconds
         stats.decode_steps += 1
         stats.row_steps += size
+        if queued:
+            stats.queued_steps += 1
+            stats.queued_row_steps += size
         stats.peak_rows = max(stats.peak_rows, size)
         slots, real = size * run.width * self.layers, int(run.pad.sum()) * self.layers
         stats.cache_slots += slots
