@@ -152,6 +152,7 @@ class _Running:
     pad_acc: list  # per slot: sum over its steps of the batch's padding share
     kv_acc: list  # per slot: sum over its steps of the batch's share of the KV budget
     rows: list  # per slot: its GlimpsedRow (visual counts, keep mask, importance logits)
+    feed: Optional[torch.Tensor] = None  # [B] tokens picked from `logits`, to feed at the next decode step
 
     @property
     def size(self) -> int:
@@ -213,6 +214,7 @@ class Session:
         self._ready: deque = deque()
         self._run: Optional[_Running] = None
         self._eos = torch.tensor(self.engine.eos_ids, device=self.engine.device)
+        self._pick_s = 0.0  # time of this step's picks, counted with its decode
 
     def submit(self, requests: Sequence[GenerationRequest]) -> list:
         if any(r.keep_mask is not None for r in requests):
@@ -233,11 +235,19 @@ class Session:
 
     @torch.inference_mode()
     def step(self) -> list:
+        """Pick every running row's next token (finished rows leave), glimpse waiting rows while
+        slots are free, admit ready rows into the free slots (their first token picked from their
+        prefill logits), then one decode step for the whole batch: a slot freed in a step is filled
+        in the same step."""
+        self._run, finished = self._pick(self._run)
         free = self.config.max_rows - self.running
         while self._waiting and free > 0 and len(self._ready) < free:
             self._ready.extend(self._glimpse(self._next_chunk()))
-        self._run = self._admit(self._run, self._ready)
-        self._run, finished = self._step(self._run, self._eos, bool(self._waiting or self._ready))
+        joined, first = self._pick(self._admit(self._run, self._ready))
+        finished += first
+        if joined is not None:
+            self._run = joined if self._run is None else self._merge(self._run, joined)
+        self._run = self._decode(self._run, queued=bool(self._waiting or self._ready))
         for i, _ in finished:
             del self._requests[i]
         return finished
@@ -251,6 +261,7 @@ class Session:
             del self._requests[i]
         self._ready.clear()
         self._run = None
+        self._pick_s = 0.0
         return started
 
     # ---- stages -----------------------------------------------------------------------------------
@@ -286,13 +297,14 @@ class Session:
                 for i, row in zip(chunk, rows)]
 
     def _admit(self, run: Optional[_Running], ready: deque) -> Optional[_Running]:
-        """Move ready rows that fit the KV budget (first fit, in order) into the running batch."""
+        """The ready rows that fit the KV budget next to `run` (first fit, in order), prefilled to the
+        end as a batch of their own (None when none fits)."""
         if not ready:
-            return run
+            return None
         rows = run.size if run else 0
         widest = 0
-        if run is not None:  # the widest the running rows can still grow to
-            widest = int((run.pad.sum(dim=1) + run.limit - run.made).max())
+        if run is not None:  # the widest the running rows can still grow to (the picked token not yet fed)
+            widest = int((run.pad.sum(dim=1) + run.limit - run.made + 1).max())
         taken, kept = [], deque()
         for item in ready:
             future = max(widest, item.row.length + item.limit)
@@ -307,14 +319,13 @@ class Session:
         ready.clear()
         ready.extend(kept)
         if not taken:
-            return run
+            return None
         t0 = _now(self.engine.device)
         state = self.core.finish_prefill([t.row for t in taken])
         seconds = _now(self.engine.device) - t0
         self.stats.prefill_s += seconds
         self.stats.admissions += 1
-        joined = self._new_running(state, taken, seconds / len(taken))
-        return joined if run is None else self._merge(run, joined)
+        return self._new_running(state, taken, seconds / len(taken))
 
     def _new_running(self, state: PrefillState, taken: list, seconds: float) -> _Running:
         device = self.engine.device
@@ -329,15 +340,16 @@ class Session:
             kv_acc=[0.0] * n, rows=[t.row for t in taken],
         )
 
-    def _step(self, run: Optional[_Running], eos: torch.Tensor, queued: bool = False):
-        """Select every running row's next token, emit the finished rows, decode one step for the rest
-        (`queued`: rows are waiting to join, for `SchedulerStats.steady_concurrency`)."""
+    def _pick(self, run: Optional[_Running]) -> tuple[Optional[_Running], list]:
+        """Select each row's next token from its pending logits; emit the rows that finish and keep
+        the token of the others to feed (`feed`). Returns the survivors (None if none) and the finished
+        (index, result) pairs."""
         if run is None:
             return None, []
         t0 = _now(self.engine.device)
         nxt = select_next(run.logits, run.sampling, run.tokens)  # [B]
         run.made += 1
-        hit = torch.isin(nxt, eos)
+        hit = torch.isin(nxt, self._eos)
         for slot, token in enumerate(nxt.tolist()):
             run.tokens[slot].append(token)
             stops = run.sampling[slot].params.stop
@@ -347,14 +359,27 @@ class Session:
         self.stats.output_tokens += run.size
         finished = [(run.index[s], self._result(run, s, bool(hit[s]))) for s in done.nonzero().flatten().tolist()]
         if len(finished) == run.size:
-            self.stats.decode_s += _now(self.engine.device) - t0
-            return None, finished
-        if finished:
-            run = self._select(run, (~done).nonzero().flatten())
+            run = None
+        elif finished:
+            alive = (~done).nonzero().flatten()
+            run, nxt = self._select(run, alive), nxt.index_select(0, alive)
+        if run is not None:
+            run.feed = nxt
+        self._pick_s += _now(self.engine.device) - t0
+        return run, finished
+
+    def _decode(self, run: Optional[_Running], queued: bool) -> Optional[_Running]:
+        """One decode step feeding every row its picked token (`queued`: rows are waiting to join,
+        for `SchedulerStats.steady_concurrency`). The step's time includes this step's picks."""
+        picked, self._pick_s = self._pick_s, 0.0
+        if run is None:
+            self.stats.decode_s += picked
+            return None
+        t0 = _now(self.engine.device)
         run.pad = torch.cat([run.pad, run.pad.new_ones(run.size, 1)], dim=1)
-        run.logits = self.core.decode_step(nxt[~done] if finished else nxt, run.next_pos, run.pad, run.cache)
-        run.next_pos = run.next_pos + 1
-        seconds = _now(self.engine.device) - t0
+        run.logits = self.core.decode_step(run.feed, run.next_pos, run.pad, run.cache)
+        run.next_pos, run.feed = run.next_pos + 1, None
+        seconds = _now(self.engine.device) - t0 + picked
         stats, size = self.stats, run.size
         stats.decode_s += seconds
         stats.decode_steps += 1
@@ -367,12 +392,12 @@ class Session:
         stats.cache_slots += slots
         stats.cache_real += real
         pad_share, kv_share = 1.0 - real / slots, slots / self.config.kv_budget_tokens
-        for slot in range(size):  # the forward fed every survivor one token: share its time
+        for slot in range(size):  # the forward fed every row one token: share its time
             run.decode_s[slot] += seconds / size
             run.share[slot] += 1.0 / size
             run.pad_acc[slot] += pad_share
             run.kv_acc[slot] += kv_share
-        return run, finished
+        return run
 
     def _result(self, run: _Running, slot: int, finished_by_eos: bool) -> GenerationResult:
         row = run.rows[slot]
@@ -406,6 +431,7 @@ class Session:
             made=run.made.index_select(0, alive), sampling=pick(run.sampling),
             tokens=pick(run.tokens), prefill_s=pick(run.prefill_s), decode_s=pick(run.decode_s), share=pick(run.share),
             pad_acc=pick(run.pad_acc), kv_acc=pick(run.kv_acc), rows=pick(run.rows),
+            feed=run.feed.index_select(0, alive) if run.feed is not None else None,
         )
 
     def _merge(self, a: _Running, b: _Running) -> _Running:
@@ -422,6 +448,7 @@ class Session:
             sampling=a.sampling + b.sampling, tokens=a.tokens + b.tokens,
             prefill_s=a.prefill_s + b.prefill_s, decode_s=a.decode_s + b.decode_s, share=a.share + b.share,
             pad_acc=a.pad_acc + b.pad_acc, kv_acc=a.kv_acc + b.kv_acc, rows=a.rows + b.rows,
+            feed=torch.cat([a.feed, b.feed]) if a.feed is not None and b.feed is not None else None,
         )
 
     def _cache(self, keys: list, values: list):
