@@ -249,3 +249,23 @@ def test_count_bias_splits_wrong_counts_by_direction():
     assert bias["region_count"]["glimpse"]["over"] == 1.0 and bias["region_count"]["unpruned"]["exact"] == 1.0
     table = render_markdown(summarise(records, n_boot=50, seed=0))
     assert "| counting | 3 | 0 / 100 / 0 | 67 / 33 / 0 |" in table
+
+
+def test_paired_runs_of_two_stages_on_the_same_rows(tmp_path, capsys):
+    import json
+
+    from workers.training import eval_report
+
+    old = [_fake_record("attribute", {"glimpse": i % 2 == 0}, {}) for i in range(4)] + [_fake_record("counting", {}, {})]
+    new = [_fake_record("attribute", {}, {}) for _ in range(4)] + [_fake_record("counting", {"glimpse": False}, {})]
+    for i, (a, b) in enumerate(zip(old, new)):
+        a["id"] = b["id"] = f"r{i}"
+    diffs = eval_report.paired_runs(new, old, settings=("glimpse", "unpruned"), n_boot=100)
+    assert diffs["glimpse"]["attribute"]["diff"] == 0.5 and diffs["glimpse"]["counting"]["diff"] == -1.0
+    assert diffs["glimpse"]["all"]["diff"] == pytest.approx(0.2) and diffs["unpruned"]["all"]["diff"] == 0.0
+    with pytest.raises(ValueError, match="same rows"):
+        eval_report.paired_runs(new[::-1], old)
+    for name, rows in (("new", new), ("old", old)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert eval_report.main([str(tmp_path / "new.jsonl"), str(tmp_path / "old.jsonl"), "--bootstrap", "50"]) == 0
+    assert "| glimpse | +20.0 [" in capsys.readouterr().out

@@ -348,3 +348,43 @@ def write_plot(summary: dict, path: Path) -> Optional[Path]:
     plt.close(fig)
     return path
 
+
+
+# ---- two runs on the same rows ------------------------------------------------------------------------
+def paired_runs(new: Sequence[dict], old: Sequence[dict], settings: Sequence[str] = SETTINGS, n_boot: int = 2000,
+                seed: int = 0) -> dict:
+    """Per setting and question type (and "all"), new minus old accuracy over the same rows (two
+    `eval_rows.jsonl` of one evaluation set, e.g. two training stages), with paired intervals."""
+    if [r["id"] for r in new] != [r["id"] for r in old]:
+        raise ValueError("the two runs do not hold the same rows in the same order")
+    types = ["all"] + [q for q in QTYPES if any(r["qtype"] == q for r in new)]
+    out = {}
+    for name in settings:
+        out[name] = {}
+        for q in types:
+            rows = [i for i, r in enumerate(new) if q == "all" or r["qtype"] == q]
+            out[name][q] = paired_bootstrap([new[i][name]["correct"] for i in rows], [old[i][name]["correct"] for i in rows],
+                                            n_boot, seed)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m workers.training.eval_report",
+                                     description="Paired accuracy differences of two evaluation runs on the same rows.")
+    parser.add_argument("new", type=Path, help="eval_rows.jsonl of the new run")
+    parser.add_argument("old", type=Path, help="eval_rows.jsonl of the old run (same seed, rows and world)")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    args = parser.parse_args(argv)
+    load = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]  # noqa: E731
+    diffs = paired_runs(load(args.new), load(args.old), n_boot=args.bootstrap)
+    types = list(next(iter(diffs.values())))
+    print(f"new - old, accuracy points, 95% paired bootstrap ({args.bootstrap} resamples):\n")
+    print("\n".join(_table(["setting"] + types, [[name] + [_diff_text(by[q]) for q in types] for name, by in diffs.items()])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
