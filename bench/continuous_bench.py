@@ -398,7 +398,8 @@ def _print_part1(result: dict) -> None:
           f"decode steps {p1['decode_steps']}; same tokens: {p1['same_tokens']}")
     if "steady_slot_occupancy" in p1:
         print(f"  continuous occupancy while rows waited {p1['steady_slot_occupancy']:.2f}; drain at the end "
-              f"{p1['drain_steps']} of {p1['decode_steps']['continuous']} steps")
+              f"{p1['drain_steps']} of {p1['decode_steps']['continuous']} steps; cache copies on join/leave "
+              f"{p1['continuous_stats'].get('surgery_s', 0.0):.2f} s in {p1['continuous_stats']['admissions']} admissions")
 
 
 def _print_parts23(result: dict) -> None:

@@ -63,6 +63,7 @@ def test_greedy_rows_equal_their_batch_of_one(engine):
     # While rows wait to join, the batch stays fuller than over the whole run (which ends in a drain).
     assert 0 < stats.queued_steps < stats.decode_steps
     assert stats.achieved_concurrency < stats.steady_concurrency == 4  # a freed slot is refilled in the same step
+    assert stats.surgery_s > 0  # rows joined and left: the cache was copied, and timed
     everyone = SchedulerStats()  # room for every row at once: nothing ever waits
     run_all(ContinuousScheduler(engine, SchedulerConfig(kv_budget_tokens=10**9, max_rows=64), everyone), requests)
     assert everyone.queued_steps == 0 and everyone.steady_concurrency == 0.0

@@ -88,6 +88,7 @@ class SchedulerStats:
     rows_over_budget: int = 0  # rows that alone exceed the budget (run by themselves)
     queued_steps: int = 0  # decode steps taken while rows were still waiting to join (queued or glimpsed)
     queued_row_steps: int = 0  # rows in those steps
+    surgery_s: float = 0.0  # time spent copying the cache when rows join (merge) or leave (select)
 
     @property
     def achieved_concurrency(self) -> float:
@@ -119,7 +120,7 @@ class SchedulerStats:
             "decode_s": self.decode_s, "output_tokens": self.output_tokens,
             "decode_tokens_per_s": self.output_tokens / self.decode_s if self.decode_s else 0.0,
             "admissions": self.admissions, "rows_over_budget": self.rows_over_budget,
-            "queued_steps": self.queued_steps, "steady_concurrency": self.steady_concurrency,
+            "queued_steps": self.queued_steps, "steady_concurrency": self.steady_concurrency, "surgery_s": self.surgery_s,
         }
 
 
@@ -418,6 +419,12 @@ class Session:
     # ---- batch surgery ------------------------------------------------------------------------------
     def _select(self, run: _Running, alive: torch.Tensor) -> _Running:
         """The running rows at `alive` (slot indices), with fully padded leading columns trimmed."""
+        t0 = _now(self.engine.device)
+        out = self._select_rows(run, alive)
+        self.stats.surgery_s += _now(self.engine.device) - t0
+        return out
+
+    def _select_rows(self, run: _Running, alive: torch.Tensor) -> _Running:
         pad = run.pad.index_select(0, alive)
         real = pad.bool().any(dim=0)
         first = int(real.nonzero()[0]) if bool(real.any()) else 0
@@ -436,6 +443,12 @@ class Session:
 
     def _merge(self, a: _Running, b: _Running) -> _Running:
         """One batch of both, left-padded to the wider."""
+        t0 = _now(self.engine.device)
+        out = self._merge_rows(a, b)
+        self.stats.surgery_s += _now(self.engine.device) - t0
+        return out
+
+    def _merge_rows(self, a: _Running, b: _Running) -> _Running:
         width = max(a.width, b.width)
         keys, values = [], []
         for i in range(self.layers):
