@@ -69,6 +69,23 @@ def test_greedy_rows_equal_their_batch_of_one(engine):
     assert everyone.queued_steps == 0 and everyone.steady_concurrency == 0.0
 
 
+def test_primed_rows_wait_finished_and_join_one_by_one(engine):
+    """prime_rows: a slot freed alone does not cost a one-row forward through the top layers; the rows
+    finished ahead join later and still give their batch-of-one output."""
+    requests = mixed_requests(12, seed=3)
+    got, calls = {}, {}
+    for prime in (1, 4):
+        stats = SchedulerStats()
+        config = SchedulerConfig(kv_budget_tokens=10**9, max_rows=3, prefill_tokens=400, prime_rows=prime)
+        got[prime] = [r.token_ids for r in run_all(ContinuousScheduler(engine, config, stats), requests)]
+        calls[prime] = stats.finish_calls
+        assert stats.steady_concurrency == 3
+    assert got[1] == got[4] == [r.token_ids for r in engine.generate(requests, SamplingParams(max_new_tokens=12))]
+    assert calls[4] < calls[1]
+    with pytest.raises(ValueError, match="prime_rows"):
+        SchedulerConfig(kv_budget_tokens=10, prime_rows=0)
+
+
 def test_rows_submitted_while_others_run_equal_their_batch_of_one(engine):
     """A session takes new rows between steps (the model stage feeds it block after block): rows that
     arrive while earlier ones decode join the same batch and still give their batch-of-1 output."""

@@ -58,14 +58,18 @@ from .sampling import base_seed, row_sampling, select_next
 class SchedulerConfig:
     """kv_budget_tokens: cache tokens across all layers (rows x cache length x layers, padding
     included) the running batch may ever hold. max_rows: rows decoding at once. prefill_tokens: raw
-    tokens (prompt + visual, padded) per glimpse chunk."""
+    tokens (prompt + visual, padded) per glimpse chunk. prime_rows: when glimpsed rows must be
+    finished (layers K+1..L-1) to join, up to this many are finished in one call; those that do not
+    join yet wait with their caches (at most prime_rows - 1 rows, outside the KV budget) for the next
+    free slots, so a slot freed one at a time does not cost a one-row forward through the top layers."""
 
     kv_budget_tokens: int
     max_rows: int = 64
     prefill_tokens: int = 32_768
+    prime_rows: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("kv_budget_tokens", "max_rows", "prefill_tokens"):
+        for name in ("kv_budget_tokens", "max_rows", "prefill_tokens", "prime_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -89,6 +93,7 @@ class SchedulerStats:
     queued_steps: int = 0  # decode steps taken while rows were still waiting to join (queued or glimpsed)
     queued_row_steps: int = 0  # rows in those steps
     surgery_s: float = 0.0  # time spent copying the cache when rows join (merge) or leave (select)
+    finish_calls: int = 0  # forwards through layers K+1..L-1 of rows about to join (`prime_rows` batches them)
 
     @property
     def achieved_concurrency(self) -> float:
@@ -121,6 +126,7 @@ class SchedulerStats:
             "decode_tokens_per_s": self.output_tokens / self.decode_s if self.decode_s else 0.0,
             "admissions": self.admissions, "rows_over_budget": self.rows_over_budget,
             "queued_steps": self.queued_steps, "steady_concurrency": self.steady_concurrency, "surgery_s": self.surgery_s,
+            "finish_calls": self.finish_calls,
         }
 
 
@@ -214,6 +220,7 @@ class Session:
         self._waiting: deque = deque()
         self._ready: deque = deque()
         self._run: Optional[_Running] = None
+        self._primed: Optional[_Running] = None  # ready rows already finished to the top layer (not decoding)
         self._eos = torch.tensor(self.engine.eos_ids, device=self.engine.device)
         self._pick_s = 0.0  # time of this step's picks, counted with its decode
 
@@ -261,7 +268,7 @@ class Session:
         for i in started:
             del self._requests[i]
         self._ready.clear()
-        self._run = None
+        self._run = self._primed = None
         self._pick_s = 0.0
         return started
 
@@ -321,12 +328,36 @@ class Session:
         ready.extend(kept)
         if not taken:
             return None
-        t0 = _now(self.engine.device)
-        state = self.core.finish_prefill([t.row for t in taken])
-        seconds = _now(self.engine.device) - t0
-        self.stats.prefill_s += seconds
+        primed = set(self._primed.index) if self._primed is not None else set()
+        parts = []
+        if any(t.index in primed for t in taken):
+            parts.append(self._take_primed({t.index for t in taken if t.index in primed}))
+        fresh = [t for t in taken if t.index not in primed]
+        if fresh:  # finish them, and a few of the next ready rows with them (`prime_rows`)
+            room = min(self.config.prime_rows - len(fresh), self.config.prime_rows - 1 - len(primed))
+            extra = [t for t in ready if t.index not in primed][:max(room, 0)]
+            batch = fresh + extra
+            t0 = _now(self.engine.device)
+            state = self.core.finish_prefill([t.row for t in batch])
+            seconds = _now(self.engine.device) - t0
+            self.stats.prefill_s += seconds
+            self.stats.finish_calls += 1
+            finished = self._new_running(state, batch, seconds / len(batch))
+            if extra:
+                order = torch.arange(len(batch), device=self.engine.device)
+                rest = self._select(finished, order[len(fresh):])
+                finished = self._select(finished, order[:len(fresh)])
+                self._primed = rest if self._primed is None else self._merge(self._primed, rest)
+            parts.append(finished)
         self.stats.admissions += 1
-        return self._new_running(state, taken, seconds / len(taken))
+        return parts[0] if len(parts) == 1 else self._merge(*parts)
+
+    def _take_primed(self, indices: set) -> _Running:
+        """The primed rows with these request indices (leaving the others primed)."""
+        pool = self._primed
+        take = torch.tensor([i in indices for i in pool.index], device=self.engine.device)
+        self._primed = self._select(pool, (~take).nonzero().flatten()) if not bool(take.all()) else None
+        return self._select(pool, take.nonzero().flatten())
 
     def _new_running(self, state: PrefillState, taken: list, seconds: float) -> _Running:
         device = self.engine.device
