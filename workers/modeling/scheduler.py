@@ -451,11 +451,6 @@ class Session:
     def _select(self, run: _Running, alive: torch.Tensor) -> _Running:
         """The running rows at `alive` (slot indices), with fully padded leading columns trimmed."""
         t0 = _now(self.engine.device)
-        out = self._select_rows(run, alive)
-        self.stats.surgery_s += _now(self.engine.device) - t0
-        return out
-
-    def _select_rows(self, run: _Running, alive: torch.Tensor) -> _Running:
         pad = run.pad.index_select(0, alive)
         real = pad.bool().any(dim=0)
         first = int(real.nonzero()[0]) if bool(real.any()) else 0
@@ -463,7 +458,7 @@ class Session:
         values = [compat.cache_values(run.cache, i).index_select(0, alive)[:, :, first:] for i in range(self.layers)]
         slots = alive.tolist()
         pick = lambda xs: [xs[s] for s in slots]  # noqa: E731
-        return _Running(
+        out = _Running(
             cache=self._cache(keys, values), pad=pad[:, first:], next_pos=run.next_pos.index_select(0, alive),
             logits=run.logits.index_select(0, alive), index=pick(run.index), limit=run.limit.index_select(0, alive),
             made=run.made.index_select(0, alive), sampling=pick(run.sampling),
@@ -471,21 +466,18 @@ class Session:
             pad_acc=pick(run.pad_acc), kv_acc=pick(run.kv_acc), rows=pick(run.rows),
             feed=run.feed.index_select(0, alive) if run.feed is not None else None,
         )
+        self.stats.surgery_s += _now(self.engine.device) - t0
+        return out
 
     def _merge(self, a: _Running, b: _Running) -> _Running:
         """One batch of both, left-padded to the wider."""
         t0 = _now(self.engine.device)
-        out = self._merge_rows(a, b)
-        self.stats.surgery_s += _now(self.engine.device) - t0
-        return out
-
-    def _merge_rows(self, a: _Running, b: _Running) -> _Running:
         width = max(a.width, b.width)
         keys, values = [], []
         for i in range(self.layers):
             keys.append(torch.cat([_pad_left(compat.cache_keys(x.cache, i), width, 2) for x in (a, b)]))
             values.append(torch.cat([_pad_left(compat.cache_values(x.cache, i), width, 2) for x in (a, b)]))
-        return _Running(
+        out = _Running(
             cache=self._cache(keys, values), pad=torch.cat([_pad_left(a.pad, width, 1), _pad_left(b.pad, width, 1)]),
             next_pos=torch.cat([a.next_pos, b.next_pos]), logits=torch.cat([a.logits, b.logits]),
             index=a.index + b.index, limit=torch.cat([a.limit, b.limit]), made=torch.cat([a.made, b.made]),
@@ -494,6 +486,8 @@ class Session:
             pad_acc=a.pad_acc + b.pad_acc, kv_acc=a.kv_acc + b.kv_acc, rows=a.rows + b.rows,
             feed=torch.cat([a.feed, b.feed]) if a.feed is not None and b.feed is not None else None,
         )
+        self.stats.surgery_s += _now(self.engine.device) - t0
+        return out
 
     def _cache(self, keys: list, values: list):
         from transformers import DynamicCache

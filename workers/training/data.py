@@ -275,15 +275,16 @@ class BatchEncoder:
         pads = (attention_mask == 0).sum(dim=1).tolist()
         words = self._word_targets(samples, grid, row_slots, pads)
         flat = [j for slots in row_slots for j in slots]
+        grids = _row_grids(samples, grid[flat], self.merge)  # each row's merged-token grids
         return TrainBatch(
             input_ids=input_ids, attention_mask=attention_mask, labels=labels,
             pixel_values=pixel_values, image_grid_thw=grid, image_index=torch.tensor(flat),
             cell_shape=shapes, cell_colour=colours, **words,
             qtypes=tuple(s.qtype for s in samples), answers=tuple(s.answer for s in samples),
-            box_cells=torch.nn.utils.rnn.pad_sequence(box_masks(samples, grid[flat], self.merge), batch_first=True),
+            box_cells=torch.nn.utils.rnn.pad_sequence(
+                [torch.from_numpy(row_box_masks(s, g)) for s, g in zip(samples, grids)], batch_first=True),
             distractor_cells=torch.nn.utils.rnn.pad_sequence(
-                [torch.from_numpy(distractor_ids(s, g)) for s, g in zip(samples, _row_grids(samples, grid[flat], self.merge))],
-                batch_first=True),
+                [torch.from_numpy(distractor_ids(s, g)) for s, g in zip(samples, grids)], batch_first=True),
         )
 
     def _word_targets(self, samples, grid, row_slots, pads) -> dict[str, torch.Tensor]:
