@@ -125,3 +125,30 @@ def test_a_broken_device_fails_every_pending_row_and_later_calls(engine, monkeyp
             f.result(timeout=60)
     with pytest.raises(RuntimeError, match="CUDA"):
         loop.submit(_requests(1, 70))
+
+
+def test_visual_features_of_concurrent_calls_stay_their_own(engine):
+    """The ViT features come from forward hooks on shared blocks; a forward running in another thread at
+    the same time (e.g. a direct engine call next to the actor's loop) must not land in this call's
+    features."""
+    core = engine.core
+    levels = (0, 1)
+    inputs = [engine.build_inputs([GenerationRequest(images=(patterned_image(w, h, w),), prompt="x")]) for w, h in ((56, 56), (112, 84))]
+    want = [core.visual_features(i.pixel_values, i.image_grid_thw, levels) for i in inputs]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(25):
+                _, feats = core.visual_features(inputs[k].pixel_values, inputs[k].image_grid_thw, levels)
+                assert all(torch.equal(a, b) for a, b in zip(feats, want[k][1]))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with torch.inference_mode():
+        threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors

@@ -37,6 +37,7 @@ Deliberate differences from the reference code (numerically equivalent unless st
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -142,12 +143,13 @@ class QwenGlimpseModel:
     def visual_features(self, pixel_values, grid_thw, levels: tuple) -> tuple:
         """Image embeddings [N, d] and one [N, C_vit] feature per level (2x2-averaged, raster order)."""
         captured: dict = {}
-        hooks = [
-            self.visual.blocks[i].register_forward_hook(
-                lambda _m, _a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-            )
-            for i in set(levels)
-        ]
+        me = threading.get_ident()  # hooks are per module, not per call: a forward in another thread fires them too
+
+        def keep(i, out):
+            if threading.get_ident() == me:
+                captured[i] = out[0] if isinstance(out, tuple) else out
+
+        hooks = [self.visual.blocks[i].register_forward_hook(lambda _m, _a, out, i=i: keep(i, out)) for i in set(levels)]
         try:
             out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw)
         finally:
